@@ -1,0 +1,21 @@
+"""The one error type for bad input: files, flags, descriptors.
+
+The CLI turns an LlmpyError into one line on stderr and exit code 2 (llm.c prints the file,
+the field and a hint, then exits; so do we, without a traceback).
+"""
+
+
+class LlmpyError(Exception):
+    """Bad input from the user: a file, a flag or a descriptor. The message says what, where,
+    expected, actual and (when there is one) what to do."""
+
+
+class FormatError(LlmpyError):
+    """A file that is not what llm.c's format says it should be."""
+
+    def __init__(self, path, field, expected, actual, hint=""):
+        self.path, self.field, self.expected, self.actual = str(path), field, expected, actual
+        msg = f"{path}: {field}: expected {expected}, got {actual}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
