@@ -1,0 +1,52 @@
+"""`llmpy data <dataset> ...`: build llm.c token shards (llm.c's dev/data/*.py scripts).
+
+Each dataset is one entry of DATASETS: a help line, a function that adds its arguments to
+its own subparser, and a function that runs it from the parsed arguments and returns an
+exit code. To add a dataset, write those two functions and add one line to the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tinyshakespeare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output folder (default: $LLMPY_CACHE/tinyshakespeare or "
+                        "~/.cache/llmpy/tinyshakespeare)")
+
+
+def _tinyshakespeare_run(args: argparse.Namespace) -> int:
+    from .tinyshakespeare import NUM_TRAIN, NUM_VAL, ensure_tinyshakespeare
+    train, val = ensure_tinyshakespeare(args.out)
+    print(f"tinyshakespeare: {val} ({NUM_VAL:,} tokens)")
+    print(f"tinyshakespeare: {train} ({NUM_TRAIN:,} tokens)")
+    return 0
+
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+DATASETS = {
+    "tinyshakespeare": ("tinyshakespeare (embedded, ~1 MB): val and train shards",
+                        _tinyshakespeare_args, _tinyshakespeare_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmpy data",
+                                     description="Build llm.c token shards for a dataset.")
+    sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    for name, (help_line, add_args, run) in DATASETS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
