@@ -56,6 +56,10 @@ REGEN_HINT = {
 # ----------------------------------------------------------------------------------------
 # atomic writes and header checks
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path, chunks) -> None:
     """Write an iterable of bytes-like chunks to `path` via a temp file + fsync + rename."""
     path = Path(path)
@@ -67,6 +71,7 @@ def atomic_write(path, chunks) -> None:
                 f.write(memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else chunk)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,0 +1,94 @@
+"""Checkpoints in llm.c's layout: model_%08d.bin, state_%08d_%05d.bin, then DONE_%08d.
+
+Mirrors save_state / load_state and the checkpoint section of llm.c's train_gpt2.cu:
+- rank 0 writes the model file (v3 fp32 or v5 bf16, whatever the engine holds), every rank
+  writes its optimizer state file, and only when all are on disk an empty DONE_%08d marks the
+  checkpoint complete. Every file is written to a temp file and renamed, so a crash at any
+  moment leaves the previous checkpoint usable; a checkpoint without DONE is ignored.
+- Retention: -nk keeps the newest k checkpoints; steps that are multiples of -nm are majors and
+  are never deleted. A checkpoint is deleted DONE first, so a half-deleted one is never resumed.
+- The state file carries llm.c's fields (step, loader position, AdamW m/v, master weights)
+  plus a JSON blob llm.c ignores: the loader's full state, the outlier detectors, the run
+  settings, so that resume is bit-exact.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import formats
+
+DONE_RE = re.compile(r"^DONE_(\d{8})$")
+
+
+def model_path(out_dir, step: int) -> Path:
+    return Path(out_dir) / f"model_{step:08d}.bin"
+
+
+def state_path(out_dir, step: int, rank: int) -> Path:
+    return Path(out_dir) / f"state_{step:08d}_{rank:05d}.bin"
+
+
+def done_path(out_dir, step: int) -> Path:
+    return Path(out_dir) / f"DONE_{step:08d}"
+
+
+def complete_steps(out_dir) -> list[int]:
+    """Steps with a DONE marker, oldest first."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := DONE_RE.match(p.name)))
+
+
+def latest_step(out_dir) -> int | None:
+    """The newest complete checkpoint (-y 1 resumes from it), or None."""
+    steps = complete_steps(out_dir)
+    return steps[-1] if steps else None
+
+
+def save_model(out_dir, step: int, engine) -> None:
+    formats.write_model(model_path(out_dir, step), engine.config, engine.get_params(),
+                        dtype=engine.param_dtype)
+
+
+def save_state(out_dir, step: int, engine, *, rank: int = 0, nproc: int = 1,
+               loader_state: dict | None = None, extra: dict | None = None) -> None:
+    opt = engine.get_optimizer_state()
+    ls = loader_state or {}
+    formats.write_state(
+        state_path(out_dir, step, rank), step=step, m=opt["m"], v=opt["v"],
+        master=opt.get("master"), nproc=nproc, rank=rank,
+        shard_idx=int(ls.get("shard_idx", 0)), sample_idx=int(ls.get("sample_idx", 0)),
+        extra={"loader": ls, **(extra or {})})
+
+
+def mark_done(out_dir, step: int) -> None:
+    formats.atomic_write(done_path(out_dir, step), [b""])
+
+
+def load(out_dir, step: int, rank: int = 0) -> dict:
+    """Read a complete checkpoint: model (config, params) and this rank's state."""
+    config, params = formats.read_model(model_path(out_dir, step))
+    state = formats.read_state(state_path(out_dir, step, rank))
+    return {"config": config, "params": params, "state": state}
+
+
+def delete(out_dir, step: int) -> None:
+    done_path(out_dir, step).unlink(missing_ok=True)
+    model_path(out_dir, step).unlink(missing_ok=True)
+    for p in Path(out_dir).glob(f"state_{step:08d}_*.bin"):
+        p.unlink(missing_ok=True)
+
+
+def apply_retention(out_dir, keep_last: int, major_every: int) -> list[int]:
+    """Delete all but the newest `keep_last` complete checkpoints, sparing majors (steps that
+    are a multiple of `major_every`). keep_last <= 0 keeps everything. Returns deleted steps."""
+    if keep_last <= 0:
+        return []
+    steps = complete_steps(out_dir)
+    doomed = [s for s in steps[:-keep_last] if not (major_every > 0 and s % major_every == 0)]
+    for s in doomed:
+        delete(out_dir, s)
+    return doomed

@@ -1,0 +1,95 @@
+"""Text generation with a KV cache, for every engine; and the `llmpy sample` command.
+
+llm.c samples from an EOT start token by re-running the whole sequence for each new token and
+has no prompt encoding. Here the prompt is encoded, run once (engine.prefill fills the KV
+cache), and each new token costs one position (engine.decode). Temperature and top-k as in
+nanoGPT; sampling draws from numpy's PCG64 seeded by the caller, so it never disturbs the
+training run's random state.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from .config import EOT
+from .errors import LlmpyError
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+                top_k: int | None = None) -> np.ndarray:
+    """Draw one token per row from logits (B, V); temperature 0 means argmax."""
+    logits = np.asarray(logits, dtype=np.float64)  # (B, V)
+    if temperature <= 0:
+        return logits.argmax(axis=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]  # (B, 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    logits -= logits.max(axis=-1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    # inverse-CDF draw, one uniform per row (llm.c's sample_mult does the same)
+    coins = rng.random(probs.shape[0])[:, None]
+    cdf = np.cumsum(probs, axis=-1)
+    return np.minimum((cdf < coins).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def generate(engine, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, seed: int = 0, num_samples: int = 1) -> list[list[int]]:
+    """Continue `prompt` (token ids) by up to max_new_tokens tokens, `num_samples` rows at once.
+    Stops early at the model's maxT. Returns the new tokens of each row."""
+    if not prompt:
+        prompt = [EOT]
+    maxT = engine.config.max_seq_len
+    if len(prompt) >= maxT:
+        raise LlmpyError(f"prompt: {len(prompt)} tokens, the model's maxT is {maxT}")
+    rng = np.random.default_rng(seed)
+    steps = min(max_new_tokens, maxT - len(prompt))
+    x = np.tile(np.asarray(prompt, dtype=np.int32), (num_samples, 1))  # (B, T0)
+    out = np.zeros((num_samples, steps), dtype=np.int32)  # (B, steps)
+    if steps == 0:
+        return out.tolist()
+    logits = engine.prefill(x)  # (B, V)
+    for i in range(steps):
+        tok = sample_next(logits, rng, temperature, top_k)  # (B,)
+        out[:, i] = tok
+        if i + 1 < steps:
+            logits = engine.decode(tok.astype(np.int32))
+    return out.tolist()
+
+
+def main(argv: list[str]) -> int:
+    """`llmpy sample CHECKPOINT [--prompt TEXT] [-g N] ...`: print generated text."""
+    from .engines import make_engine
+    from .tokenizer import get_tokenizer
+    from .train import load_init, pick_engine_and_device
+
+    p = argparse.ArgumentParser(prog="llmpy sample", description=main.__doc__)
+    p.add_argument("checkpoint", help="model .bin (llm.c format), an output dir (newest "
+                   "checkpoint), or a Hugging Face GPT-2 name/dir")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from EOT)")
+    p.add_argument("-g", "--gen-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    if a.gen_tokens < 1:
+        raise LlmpyError(f"-g/--gen-tokens: expected >= 1, got {a.gen_tokens}")
+    config, params = load_init(a.checkpoint)
+    engine_name, device = pick_engine_and_device(a.engine, a.device)
+    engine = make_engine(engine_name, config, device=device)
+    engine.set_params(params)
+    tok = get_tokenizer()
+    prompt = tok.encode(a.prompt) if a.prompt else [EOT]
+    rows = generate(engine, prompt, a.gen_tokens, temperature=a.temperature,
+                    top_k=a.top_k or None, seed=a.seed, num_samples=a.num_samples)
+    for i, row in enumerate(rows):
+        if a.num_samples > 1:
+            print(f"--- sample {i}")
+        print(a.prompt + tok.decode([t for t in row if t < config.vocab_size]))
+    return 0
