@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import LlmpyError
+from .errors import LlmpyError, TrainingStopped
 
 COMMANDS = {
     "train": ("llmpy.train", "train a GPT (default: a small GPT on embedded tinyshakespeare)"),
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except LlmpyError as e:
         print(f"llmpy {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"llmpy {cmd}: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"llmpy {cmd}: interrupted", file=sys.stderr)
         return 130

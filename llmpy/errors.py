@@ -19,3 +19,7 @@ class FormatError(LlmpyError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (a non-finite loss with --nan-policy stop): exit code 1."""

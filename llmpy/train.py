@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +32,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ModelConfig, from_descriptor, is_descriptor
-from .errors import LlmpyError
+from .errors import LlmpyError, TrainingStopped
 from .formats import read_model, read_model_header
 from .schedulers import SCHEDULERS, get_lr
 
@@ -263,8 +265,8 @@ def pick_engine_and_device(engine: str = "auto", device: str = "auto") -> tuple[
     if engine == "auto":
         if device.startswith("cuda"):
             try:
-                import triton  # noqa: F401
-                from .engines import triton as _  # noqa: F401
+                import importlib
+                importlib.import_module("llmpy.engines.triton")
                 engine = "triton"
             except ImportError:
                 engine = "torch"
@@ -626,10 +628,6 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
     return summary
 
 
-class TrainingStopped(LlmpyError):
-    """Training stopped on purpose (--nan-policy stop)."""
-
-
 def _default_hellaswag_path() -> Path:
     from .data import cache_dir
     return cache_dir("hellaswag") / "hellaswag_val.bin"
@@ -641,6 +639,7 @@ def save_checkpoint(rc, engine, step, loader, loss_det, norm_det, rank, world) -
     out = rc.out_dir
     if rank == 0:
         ckpt.save_model(out, step, engine)
+    _test_kill("in_checkpoint", step)
     ls = loader.state_dict()
     extra = {"outliers": {"loss": loss_det.state_dict(), "norm": norm_det.state_dict()},
              "run": asdict(rc)}
@@ -648,7 +647,15 @@ def save_checkpoint(rc, engine, step, loader, loss_det, norm_det, rank, world) -
     if rank == 0:
         ckpt.mark_done(out, step)
         ckpt.apply_retention(out, rc.keep_last, rc.major_every)
-        print(f"checkpoint: {ckpt.model_path(out, step)} (+ state, DONE)")
+        print(f"checkpoint: {ckpt.model_path(out, step)} (+ state, DONE)", flush=True)
+    _test_kill("after_checkpoint", step)
+
+
+def _test_kill(where: str, step: int) -> None:
+    """Crash tests: LLMPY_TEST_KILL=in_checkpoint:STEP (after the model file, before the state
+    and DONE) or after_checkpoint:STEP sends this process a real SIGKILL there."""
+    if os.environ.get("LLMPY_TEST_KILL") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cuda_available() -> bool:
