@@ -100,8 +100,7 @@ FP32_TOL = dict(rtol_logits=5e-6, rtol_grads=1e-5, loss_tol=5e-6)
 def test_golden_torch_cpu_fp32():
     pytest.importorskip("torch")
     from llmpy.engines.torch import TorchEngine
-    errors = check_golden(lambda config: TorchEngine(config, device="cpu", dtype="fp32"),
-                          **FP32_TOL)
+    check_golden(lambda config: TorchEngine(config, device="cpu", dtype="fp32"), **FP32_TOL)
 
 
 BF16_TOL = dict(rtol_logits=2e-2, rtol_grads=3e-2, loss_tol=2e-3)

@@ -1,0 +1,182 @@
+"""Time full training steps of the torch and triton engines on one GPU, in one process.
+
+DESIGN.md's target: the triton engine on one H200, d12, B=64, T=1024, 524,288 tokens per
+step, at least 1.15x the tokens/s of the torch engine (torch.compile + flash attention), with
+no higher peak memory. llm.c measured here: about 518K tokens/s (27.9 GB); its PyTorch
+reference with compile and flash about 513K (36.0 GB).
+
+    python bench/gpu_train.py --engines torch,triton --model d12 -b 64 -t 1024
+    python bench/gpu_train.py --device cpu --model L=2,C=64,NH=4,T=64 -b 2 -t 32 \
+        --total-batch 128 --steps 2 --warmup 1 --no-compile          (smoke run)
+
+Each engine is built in turn (the previous one freed), from the same seed, and validated
+before anything is timed: its first loss at init must be finite and near ln(V), and every
+engine must agree with the first one on it within bf16 tolerance. Then `--warmup` untimed
+and `--steps` timed full optimizer steps: zero_grad, forward/backward over the micro-batches
+of one total batch, grad norm, AdamW with clipping to 1.0 folded in, synchronize. Data are
+random tokens (the same for every engine). Reports the median ms/step, tokens/s, model
+TFLOP/s (6N + 6LTC flops per token, nanoGPT's estimate) against --peak-tflops, peak memory
+(torch.cuda.max_memory_allocated) and the ratio of tokens/s to the first engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from llmpy.config import from_descriptor  # noqa: E402
+from llmpy.errors import LlmpyError  # noqa: E402
+
+# |first loss - first engine's first loss| allowed between engines: bf16 activations (and
+# bf16 parameters in the triton engine) move the loss at init by ~1e-2 at most.
+AGREE_TOL = 0.05
+# |first loss - ln V| allowed at init: GPT-2's init gives logits of std ~0.02*sqrt(C).
+INIT_TOL = 1.0
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engines", default="torch", help="comma-separated: torch[,triton] (torch)")
+    ap.add_argument("--model", default="d12", help="descriptor: d12, gpt3:c768, L=..,C=..,NH=.. (d12)")
+    ap.add_argument("-b", dest="batch", type=int, default=64, help="micro-batch size B (64)")
+    ap.add_argument("-t", dest="seq_len", type=int, default=1024, help="sequence length T (1024)")
+    ap.add_argument("--total-batch", type=int, default=524288, help="tokens per step (524288)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (20)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (5)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the torch engine (default: on for CUDA)")
+    ap.add_argument("--dtype", default=None, help="torch engine dtype: bf16|fp32 (bf16 on CUDA)")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    ap.add_argument("--lr", type=float, default=6e-4, help="AdamW learning rate (6e-4)")
+    ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
+    ap.add_argument("--seed", type=int, default=1337, help="init and data seed (1337)")
+    ap.add_argument("--peak-tflops", type=float, default=790.0,
+                    help="bf16 matmul ceiling for the utilization column (790: H200, measured)")
+    return ap.parse_args(argv)
+
+
+def engine_options(name: str, args) -> dict:
+    opts = {"seed": args.seed, "device": args.device}
+    if name == "torch":
+        cuda = args.device.startswith("cuda")
+        opts["dtype"] = args.dtype or ("bf16" if cuda else "fp32")
+        opts["compile"] = cuda if args.compile is None else args.compile
+    return opts
+
+
+def train_step(engine, batches, step: int, args) -> float:
+    """One optimizer step over the micro-batches; returns the mean loss."""
+    engine.zero_grad()
+    total = 0.0
+    for x, y in batches:
+        total += engine.forward(x, y)
+        engine.backward(grad_scale=1.0 / len(batches))
+    norm = engine.grad_norm()
+    engine.step(args.lr, step + 1, args.weight_decay, grad_scale=min(1.0, 1.0 / norm))
+    return total / len(batches)
+
+
+def run_engine(name: str, config, batches, args, sync, torch) -> dict:
+    from llmpy.engines import make_engine
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    engine = make_engine(name, config, **engine_options(name, args))
+    first_loss = engine.forward(*batches[0])
+    lnV = math.log(config.vocab_size)
+    if not math.isfinite(first_loss) or abs(first_loss - lnV) > INIT_TOL:
+        raise SystemExit(f"{name}: first loss {first_loss:.4f} at init, expected finite and "
+                         f"within {INIT_TOL} of ln(V) = {lnV:.4f}: not timing a broken engine")
+    for step in range(args.warmup):
+        train_step(engine, batches, step, args)  # includes torch.compile's compilation
+    sync()
+    times = []
+    for step in range(args.warmup, args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = train_step(engine, batches, step, args)
+        sync()
+        times.append(time.perf_counter() - t0)
+    if not math.isfinite(loss):
+        raise SystemExit(f"{name}: loss became {loss} during timing")
+    peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    del engine
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"engine": name, "first_loss": first_loss, "last_loss": loss,
+            "ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "peak": peak}
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        import torch
+    except ImportError:
+        print("gpu_train: needs torch (pip install torch)", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_train: no CUDA device here; this benchmark is for GPUs "
+              "(use --device cpu with a tiny --model for a smoke run)", file=sys.stderr)
+        return 2
+    try:
+        config = from_descriptor(args.model)
+    except LlmpyError as e:
+        print(f"gpu_train: {e}", file=sys.stderr)
+        return 2
+    B, T = args.batch, args.seq_len
+    if T > config.max_seq_len or args.total_batch % (B * T) or args.steps < 1:
+        print(f"gpu_train: need T <= maxT {config.max_seq_len}, --total-batch a multiple of "
+              f"B*T = {B * T}, and --steps >= 1", file=sys.stderr)
+        return 2
+    accum = args.total_batch // (B * T)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True   # llm.c's default (-f 1)
+        torch.backends.cudnn.allow_tf32 = True
+        sync = torch.cuda.synchronize
+    else:
+        def sync():
+            pass
+
+    rng = np.random.default_rng(args.seed)
+    tokens = rng.integers(0, config.vocab_size, size=(accum, B, T + 1), dtype=np.int64)
+    batches = [(torch.from_numpy(t[:, :-1]).to(args.device), torch.from_numpy(t[:, 1:]).to(args.device))
+               for t in tokens]
+    print(f"{config.describe()}\nB={B} T={T} total batch {args.total_batch} tokens "
+          f"({accum} micro-steps), {args.warmup} warmup + {args.steps} timed steps, "
+          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})"
+                                     if args.device.startswith("cuda") else ""))
+
+    results = []
+    for name in engines:
+        r = run_engine(name, config, batches, args, sync, torch)
+        if results and abs(r["first_loss"] - results[0]["first_loss"]) > AGREE_TOL:
+            raise SystemExit(f"{name}: first loss {r['first_loss']:.4f} disagrees with "
+                             f"{results[0]['engine']}'s {results[0]['first_loss']:.4f} "
+                             f"(tolerance {AGREE_TOL}): not comparing timings")
+        results.append(r)
+
+    flops_per_token = 6 * config.num_params + 6 * config.num_layers * T * config.channels
+    print(f"\n{'engine':8s} {'first loss':>10s} {'ms/step':>9s} {'min ms':>8s} {'tokens/s':>11s} "
+          f"{'TFLOP/s':>8s} {'util':>6s} {'peak GB':>8s} {'ratio':>6s}")
+    base = args.total_batch / results[0]["ms"] * 1e3
+    for r in results:
+        tps = args.total_batch / r["ms"] * 1e3
+        tflops = tps * flops_per_token / 1e12
+        print(f"{r['engine']:8s} {r['first_loss']:10.4f} {r['ms']:9.1f} {r['min_ms']:8.1f} "
+              f"{tps:11,.0f} {tflops:8.1f} {100 * tflops / args.peak_tflops:5.1f}% "
+              f"{r['peak'] / 1e9:8.2f} {tps / base:6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
