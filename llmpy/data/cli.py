@@ -25,10 +25,28 @@ def _tinyshakespeare_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, fn: str, *bound):
+    """module.fn(arg, *bound), imported on use (so `llmpy data -h` imports no builder)."""
+    def call(arg):
+        import importlib
+        return getattr(importlib.import_module(f"llmpy.data.{module}"), fn)(arg, *bound)
+    return call
+
+
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 DATASETS = {
     "tinyshakespeare": ("tinyshakespeare (embedded, ~1 MB): val and train shards",
                         _tinyshakespeare_args, _tinyshakespeare_run),
+    "tinystories": ("TinyStories: TinyStories_val.bin and TinyStories_train.bin (~944M tokens)",
+                    _lazy("tinystories", "add_args"), _lazy("tinystories", "run")),
+    "fineweb": ("FineWeb sample-10BT/100BT, streamed: 1e8-token shards, shard 0 is val",
+                _lazy("fineweb", "add_args"), _lazy("fineweb", "run", "fineweb")),
+    "edu_fineweb": ("FineWeb-Edu sample-10BT/100BT, streamed: 1e8-token shards, shard 0 is val",
+                    _lazy("fineweb", "add_args"), _lazy("fineweb", "run", "edu_fineweb")),
+    "hellaswag": ("HellaSwag val (10,042 examples): llm.c's eval file hellaswag_val.bin",
+                  _lazy("hellaswag", "add_args"), _lazy("hellaswag", "run")),
+    "mmlu": ("MMLU test (14,042 questions) as an eval file in the HellaSwag format",
+             _lazy("mmlu", "add_args"), _lazy("mmlu", "run")),
 }
 
 
