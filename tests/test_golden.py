@@ -126,3 +126,43 @@ def test_golden_numpy():
     except ImportError:
         pytest.skip("numpy engine not available")
     check_golden(lambda config: NumpyEngine(config), **FP32_TOL)
+
+
+def test_export_debug_state_remakes_the_fixture(tmp_path):
+    """`llmpy export debug-state` (the command in this file's docstring) writes the fixture:
+    the same model bytes and batch, and the same numbers up to BLAS summation order."""
+    pytest.importorskip("torch")
+    from llmpy.cli import main
+    from llmpy.data.tinyshakespeare import ensure_tinyshakespeare
+    _, val = ensure_tinyshakespeare()
+    argv = ["export", "debug-state", "--model", "L=2,C=64,NH=4,T=64,V=1000", "--fold-vocab",
+            "--shard", str(val), "--out", str(tmp_path), "--steps", "3"]
+    assert main(argv) == 0
+    assert (tmp_path / "model.bin").read_bytes() == (GOLDEN_DIR / "model.bin").read_bytes()
+    config, _ = read_model(GOLDEN_DIR / "model.bin")
+    new, ref = (read_debug_state(d / "debug_state.bin", config) for d in (tmp_path, GOLDEN_DIR))
+    np.testing.assert_array_equal(new["x"], ref["x"])
+    np.testing.assert_array_equal(new["y"], ref["y"])
+    assert rel_err(new["logits"], ref["logits"]) < 1e-6 and rel_err(new["grads"], ref["grads"]) < 1e-6
+    golden = json.loads((GOLDEN_DIR / "golden.json").read_text())
+    losses = json.loads((tmp_path / "golden.json").read_text())["losses"]
+    np.testing.assert_allclose(losses, golden["losses"][:3], atol=1e-9)
+    assert main(argv[:-4] + ["--out", str(tmp_path / "x"), "-t", "65"]) == 2  # T > maxT
+
+
+@pytest.mark.gpu
+def test_golden_torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from llmpy.engines.torch import TorchEngine
+    # fp32 on CUDA (TF32 off, torch's default for matmuls): same bounds as on the CPU.
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        check_golden(lambda config: TorchEngine(config, device="cuda", dtype="fp32"), **FP32_TOL)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    for compile_ in (False, True):
+        check_golden(lambda config: TorchEngine(config, device="cuda", dtype="bf16",
+                                                compile=compile_), **BF16_TOL)
