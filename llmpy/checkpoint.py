@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from . import formats
 
 DONE_RE = re.compile(r"^DONE_(\d{8})$")
@@ -54,12 +56,17 @@ def save_model(out_dir, step: int, engine) -> None:
 
 
 def save_state(out_dir, step: int, engine, *, rank: int = 0, nproc: int = 1,
-               loader_state: dict | None = None, extra: dict | None = None) -> None:
+               loader_state: dict | None = None, extra: dict | None = None,
+               shard: tuple[int, int] | None = None) -> None:
+    """This rank's optimizer state; with ZeRO-1 (`shard` = [start, end) of the flat buffer)
+    only its slice of m, v and master weights, as llm.c writes them."""
     opt = engine.get_optimizer_state()
+    sl = slice(*shard) if shard else slice(None)
+    master = opt.get("master")
     ls = loader_state or {}
     formats.write_state(
-        state_path(out_dir, step, rank), step=step, m=opt["m"], v=opt["v"],
-        master=opt.get("master"), nproc=nproc, rank=rank,
+        state_path(out_dir, step, rank), step=step, m=opt["m"][sl], v=opt["v"][sl],
+        master=None if master is None else master[sl], nproc=nproc, rank=rank,
         shard_idx=int(ls.get("shard_idx", 0)), sample_idx=int(ls.get("sample_idx", 0)),
         extra={"loader": ls, **(extra or {})})
 
@@ -73,6 +80,33 @@ def load(out_dir, step: int, rank: int = 0) -> dict:
     config, params = formats.read_model(model_path(out_dir, step))
     state = formats.read_state(state_path(out_dir, step, rank))
     return {"config": config, "params": params, "state": state}
+
+
+def load_for(out_dir, step: int, rank: int, world: int) -> dict:
+    """Like `load`, for a run of `world` processes whatever the saved run's process count and
+    ZeRO stage: sharded (ZeRO-1) m, v and master weights are gathered from every saved rank's
+    file into full arrays (each rank then uses its own slice), so a run can resume on a
+    different number of GPUs (llm.c cannot)."""
+    config, params = formats.read_model(model_path(out_dir, step))
+    first = formats.read_state(state_path(out_dir, step, 0))
+    N = config.num_params
+    if first["m"].size == N:  # unsharded: every rank holds the full state
+        own = state_path(out_dir, step, rank)
+        state = formats.read_state(own) if own.exists() and first["nproc"] == world else first
+        return {"config": config, "params": params, "state": state}
+    parts = [first] + [formats.read_state(state_path(out_dir, step, r))
+                       for r in range(1, first["nproc"])]
+    full = dict(first)
+    for key in ("m", "v", "master"):
+        if first[key] is not None:
+            full[key] = np.concatenate([p[key] for p in parts])
+    if full["m"].size != N:
+        raise formats.FormatError(state_path(out_dir, step, 0), "optimizer state size",
+                                  f"{N} values over {first['nproc']} shards",
+                                  f"{full['m'].size}", "the checkpoint is incomplete")
+    if first["nproc"] == world:  # same world: this rank's own loader fields
+        full["extra"] = parts[rank]["extra"]
+    return {"config": config, "params": params, "state": full}
 
 
 def delete(out_dir, step: int) -> None:

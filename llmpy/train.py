@@ -447,16 +447,31 @@ def sample_text(engine, rc: RunConfig, step: int) -> str:
 
 def train(rc: RunConfig, given: set[str] | None = None) -> dict:
     """Run training as configured. Returns a summary dict (losses, final val loss, ...)."""
-    from .data.loader import DistributedDataLoader, EvalLoader
-    from .engines import make_engine
+    from .dist import init as init_dist
 
     given = given or set()
     validate(rc, given)
-    rank, world = rc.process_rank, rc.num_processes
+    engine_name, device = pick_engine_and_device(rc.engine, rc.device)
+    dist = init_dist(rc, device)
+    try:
+        return _train(rc, dist, engine_name, device)
+    finally:
+        dist.shutdown()
+
+
+def _train(rc: RunConfig, dist, engine_name: str, device: str) -> dict:
+    from .data.loader import DistributedDataLoader, EvalLoader
+    from .engines import make_engine
+
+    rank, world, master = dist.rank, dist.world, dist.master
     if world > 1:
-        raise LlmpyError("-pn: multi-process training is not available yet in this build; "
-                         "run with -pn 1")
-    master = rank == 0
+        if engine_name == "numpy":
+            raise LlmpyError("--engine numpy runs in one process; use --engine torch or "
+                             "triton for multi-process training")
+        if device == "cuda":
+            device = f"cuda:{dist.local_rank}"
+    if rc.zero and world == 1 and master:
+        print("note: -z 1 with one process is the same as -z 0")
 
     # -- data first: bad shards fail before anything big is allocated
     train_glob, val_glob = rc.train_data, rc.val_data
@@ -478,6 +493,8 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
     train_loader = DistributedDataLoader(train_glob, B, T, rank, world,
                                          shuffle=bool(rc.shuffle), seed=rc.seed)
     val_loader = DistributedDataLoader(val_glob, B, T, rank, world) if val_glob else None
+    if val_loader is not None and rc.val_every > 0 and val_loader.batches_per_epoch < 1:
+        val_loader = None
     if rc.max_steps == -1:
         steps = train_loader.tokens_per_epoch // total_batch
         if steps < 1:
@@ -502,10 +519,9 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
     if rc.resume:
         last = ckpt.latest_step(rc.out_dir)
         if last is not None:
-            resume_state = ckpt.load(rc.out_dir, last, rank)
+            resume_state = ckpt.load_for(rc.out_dir, last, rank, world)
             start_step = last
             config = resume_state["config"]
-    engine_name, device = pick_engine_and_device(rc.engine, rc.device)
 
     # -- model
     if resume_state is not None:
@@ -515,13 +531,14 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
     engine = make_engine(engine_name, config, **engine_options(rc, engine_name, device))
     engine.set_params(params)
     del params
+    sync = GradSync(engine, dist, rc.zero)
     loss_det, norm_det = OutlierDetector(), OutlierDetector()
     if resume_state is not None:
         st = resume_state["state"]
         engine.set_optimizer_state(st["m"], st["v"], st["master"])
         extra = st["extra"] or {}
         if "loader" in extra:
-            train_loader.load_state_dict(extra["loader"])
+            train_loader.load_state_dict(rescale_loader_state(extra["loader"], train_loader))
         if "outliers" in extra:
             loss_det.load_state_dict(extra["outliers"]["loss"])
             norm_det.load_state_dict(extra["outliers"]["norm"])
@@ -535,6 +552,7 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
             ("val data", f"{val_glob or '-'} ({val_batches} batches)"),
             ("batch", f"B={B} T={T} processes={world} total={total_batch} tokens "
                       f"(grad accum {grad_accum})"),
+            ("distributed", f"{world} x {dist.backend or '-'}, ZeRO-{rc.zero if world > 1 else 0}"),
             ("steps", f"{steps} (resume from {start_step})" if start_step else steps),
             ("schedule", f"{rc.scheduler} lr={rc.lr:g} warmup={rc.warmup} "
                          f"final_frac={rc.final_lr_frac:g} wd={rc.weight_decay:g}"),
@@ -557,14 +575,15 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
         resumed_here = resume_state is not None and step == start_step
 
         if val_batches and (step % rc.val_every == 0 or last_step):
-            vl = val_loss(engine, val_loader, val_batches)
+            vl = dist.mean(val_loss(engine, val_loader, val_batches))
             summary["val_losses"][step] = vl
             logger.val(step, vl)
             if master:
                 print(f"val loss {vl:.6f}")
         if hs_loader is not None and rc.val_every and (step % rc.val_every == 0 or last_step):
-            from .evals import hellaswag_accuracy
-            acc = hellaswag_accuracy(engine, hs_loader)
+            from .evals import hellaswag_counts
+            correct, total = hellaswag_counts(engine, hs_loader)
+            acc = dist.sum(correct) / max(dist.sum(total), 1)
             logger.hellaswag(step, acc)
             if master:
                 print(f"HellaSwag: {acc:.4f}")
@@ -573,7 +592,7 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
             print(f"generating:\n---\n{sample_text(engine, rc, step)}\n---")
         if rc.out_dir and not resumed_here and step > 0 and (
                 (rc.checkpoint_every and step % rc.checkpoint_every == 0) or last_step):
-            save_checkpoint(rc, engine, step, train_loader, loss_det, norm_det, rank, world)
+            save_checkpoint(rc, engine, sync, step, train_loader, loss_det, norm_det, dist)
         if last_step:
             break
 
@@ -589,10 +608,13 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
                 x, y = train_loader.next_batch()
             loss += engine.forward(x, y) / grad_accum
             engine.backward(1.0 / grad_accum)
-        norm = engine.grad_norm()
+        loss = dist.mean(loss)   # identical on every rank from here on
+        norm = sync.reduce()     # averages gradients across ranks; the global norm
         zloss, znorm = loss_det.update(loss), norm_det.update(norm)
         lr = get_lr(rc.scheduler, step, rc.lr, rc.warmup, steps, rc.final_lr_frac)
-        finite = math.isfinite(loss) and math.isfinite(norm)
+        # loss and norm agree on every rank already; agree_any makes the decision collective
+        # even if a rank's arithmetic differed, so no rank waits alone in the all-gather.
+        finite = not dist.agree_any(not (math.isfinite(loss) and math.isfinite(norm)))
         skip = ""
         if not finite:
             if rc.nan_policy == "stop":
@@ -606,7 +628,7 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
             skip = f"norm z {znorm:.2f}"
         if not skip:
             grad_scale = GRAD_CLIP / norm if norm > GRAD_CLIP else 1.0
-            engine.step(lr, step + 1, weight_decay=rc.weight_decay, grad_scale=grad_scale)
+            sync.step(lr, step + 1, weight_decay=rc.weight_decay, grad_scale=grad_scale)
         else:
             summary["skipped"].append(step)
         dt = time.perf_counter() - t0
@@ -628,22 +650,76 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
     return summary
 
 
+class GradSync:
+    """Gradients across ranks, and the AdamW step: whole (ZeRO-0: all-reduce, every rank
+    updates every parameter) or sharded (ZeRO-1: reduce-scatter, each rank updates its
+    1/world slice of the flat parameters and AdamW state, then all-gather). One process: the
+    engine's own grad_norm and step, untouched."""
+
+    def __init__(self, engine, dist, zero: int):
+        self.engine, self.dist = engine, dist
+        self.shard = None
+        if dist.world > 1:
+            if not hasattr(engine, "flat_grad"):
+                raise LlmpyError(f"--engine {engine.name}: has no flat gradient buffer for "
+                                 f"multi-process training")
+            if zero:
+                self.shard = dist.shard_range(engine.config.num_params)
+
+    def reduce(self) -> float:
+        """Average the gradients over ranks; return the global gradient norm."""
+        if self.dist.world == 1:
+            return self.engine.grad_norm()
+        grad = self.engine.flat_grad
+        if self.shard is None:
+            self.dist.all_reduce_avg_(grad)
+            return self.engine.grad_norm()
+        import torch
+        mine = self.dist.reduce_scatter_avg_(grad)
+        sq = torch.linalg.vector_norm(mine, dtype=torch.float32).item() ** 2
+        return math.sqrt(self.dist.sum(sq))
+
+    def step(self, lr: float, t: int, **hyper) -> None:
+        if self.shard is None:
+            self.engine.step(lr, t, **hyper)
+            return
+        self.engine.step(lr, t, shard=self.shard, **hyper)
+        self.dist.all_gather_(self.engine.flat)
+
+
+def rescale_loader_state(state: dict, loader) -> dict:
+    """A loader state saved with another process count: keep the epoch and shard, and map
+    the sample index by tokens consumed (exact without shuffling; with shuffling the rest of
+    that shard is drawn in the new run's order)."""
+    if int(state.get("world", loader.world)) == loader.world:
+        return state
+    old_tokens = int(state["sample_idx"]) * int(state["world"]) * int(state["B"]) * int(state["T"])
+    new = dict(state, world=loader.world, B=loader.B, T=loader.T)
+    shard = int(loader.shard_order(int(state["epoch"]))[int(state["shard_idx"])])
+    new["sample_idx"] = min(old_tokens // loader.sample_tokens, loader.shard_samples[shard] - 1)
+    return new
+
+
 def _default_hellaswag_path() -> Path:
     from .data import cache_dir
     return cache_dir("hellaswag") / "hellaswag_val.bin"
 
 
-def save_checkpoint(rc, engine, step, loader, loss_det, norm_det, rank, world) -> None:
-    """model (rank 0), state (every rank), then DONE: a crash at any point leaves the previous
-    checkpoint as the newest complete one. Then -nk/-nm retention."""
-    out = rc.out_dir
+def save_checkpoint(rc, engine, sync, step, loader, loss_det, norm_det, dist) -> None:
+    """model (rank 0), state (every rank), then DONE once every rank's files are on disk: a
+    crash at any point leaves the previous checkpoint as the newest complete one. Then
+    -nk/-nm retention."""
+    out, rank = rc.out_dir, dist.rank
     if rank == 0:
         ckpt.save_model(out, step, engine)
     _test_kill("in_checkpoint", step)
     ls = loader.state_dict()
     extra = {"outliers": {"loss": loss_det.state_dict(), "norm": norm_det.state_dict()},
-             "run": asdict(rc)}
-    ckpt.save_state(out, step, engine, rank=rank, nproc=world, loader_state=ls, extra=extra)
+             "run": asdict(rc), "shard": list(sync.shard) if sync.shard else None,
+             "num_params": engine.config.num_params}
+    ckpt.save_state(out, step, engine, rank=rank, nproc=dist.world, loader_state=ls,
+                    extra=extra, shard=sync.shard)
+    dist.barrier()
     if rank == 0:
         ckpt.mark_done(out, step)
         ckpt.apply_retention(out, rc.keep_last, rc.major_every)

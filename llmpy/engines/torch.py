@@ -15,6 +15,8 @@ Dimension legend:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -237,11 +239,16 @@ class TorchEngine:
         return torch.linalg.vector_norm(self.flat_grad, dtype=acc).item()
 
     def step(self, lr: float, t: int, weight_decay: float = 0.0, beta1: float = 0.9,
-             beta2: float = 0.95, eps: float = 1e-8, grad_scale: float = 1.0) -> None:
+             beta2: float = 0.95, eps: float = 1e-8, grad_scale: float = 1.0,
+             shard: tuple[int, int] | None = None) -> None:
         """One AdamW update with llm.c's rules. grad_scale scales the gradient buffer in
-        place first (the loop zeroes it before the next accumulation)."""
+        place first (the loop zeroes it before the next accumulation). With `shard` =
+        [start, end) only that slice of the flat parameters is updated (ZeRO-1)."""
         if t < 1:
             raise ValueError(f"torch engine: step t must be >= 1 (t = step + 1), got {t}")
+        if shard is not None:
+            self._step_slice(lr, t, weight_decay, beta1, beta2, eps, grad_scale, *shard)
+            return
         if grad_scale != 1.0:
             self.flat_grad.mul_(grad_scale)
         for group in self.optimizer.param_groups:
@@ -250,6 +257,25 @@ class TorchEngine:
         for state in self.optimizer.state.values():
             state["step"].fill_(t - 1)  # AdamW adds 1, then bias-corrects with it
         self.optimizer.step()
+
+    @torch.no_grad()
+    def _step_slice(self, lr, t, weight_decay, beta1, beta2, eps, grad_scale, start, end):
+        """AdamW on flat[start:end] only (ZeRO-1), written out: the same update as
+        torch.optim.AdamW's, with decoupled decay on the slice's parts of 2-D tensors."""
+        p, g = self.flat[start:end], self.flat_grad[start:end]
+        m, v = self.m[start:end], self.v[start:end]
+        if grad_scale != 1.0:
+            g.mul_(grad_scale)
+        if weight_decay:
+            for name, (a, b) in self.config.param_offsets().items():
+                lo, hi = max(a, start), min(b, end)
+                if name in DECAYED and lo < hi:
+                    p[lo - start:hi - start].mul_(1.0 - lr * weight_decay)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bias1, bias2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bias1)
 
     # ------------------------------------------------------------------------------------
     # inference

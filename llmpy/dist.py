@@ -1,0 +1,209 @@
+"""Distribution: process groups, gradient averaging and ZeRO-1, for the torch and triton
+engines. Mirrors llm.c's llmc/zero.cuh (multi_gpu_config_init, ZeRO-1 sharding).
+
+Launchers, detected from the environment (llm.c's -pn/-pr/-pg/-pi/-ps/-pf flags override):
+- torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): init_method env://
+- mpirun (OMPI_COMM_WORLD_* or PMI_*): ranks from MPI's environment; rendezvous by -pi tcp
+  (-ps server), -pi fs (-pf shared dir), or -pi mpi (rank 0's address sent with mpi4py)
+- slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID): likewise, with -pi fs|tcp
+
+Data parallel: every rank runs the same model on its own slice of the batch; after the
+backward the loop averages gradients across ranks (all-reduce). With ZeRO-1 (-z 1) the
+gradients are reduce-scattered instead, each rank updates its 1/world shard of the flat
+parameters with its own shard of AdamW m, v (and master weights), and the parameters are
+all-gathered. Every decision that changes which collectives run (skip an update, stop on a
+NaN) is agreed across ranks first (`agree_any`), so no rank waits alone in a collective.
+Model code knows nothing of this: engines expose `flat` and `flat_grad` (torch tensors) and,
+for ZeRO-1, `step_slice`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+from .errors import LlmpyError
+
+TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("LLMPY_DIST_TIMEOUT_MIN", "10")))
+
+
+@dataclass
+class Dist:
+    """This process's place in the job. world == 1 needs no torch.distributed at all."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives (no-ops for one process) -------------------------------------------
+
+    def all_reduce_avg_(self, t):
+        """Average a tensor across ranks, in place."""
+        if self.world == 1:
+            return t
+        import torch.distributed as tdist
+        if self.backend == "nccl":
+            tdist.all_reduce(t, op=tdist.ReduceOp.AVG)
+        else:  # gloo has no AVG
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+            t.div_(self.world)
+        return t
+
+    def mean(self, x: float) -> float:
+        """The average of a Python float over ranks (losses for logging, val, decisions)."""
+        if self.world == 1:
+            return x
+        import torch
+        t = torch.tensor([x], dtype=torch.float64, device=self._device())
+        return float(self.all_reduce_avg_(t).item())
+
+    def sum(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        import torch
+        import torch.distributed as tdist
+        t = torch.tensor([x], dtype=torch.float64, device=self._device())
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return float(t.item())
+
+    def agree_any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank."""
+        if self.world == 1:
+            return bool(flag)
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as tdist
+            tdist.barrier()
+
+    def shard_range(self, n: int) -> tuple[int, int]:
+        """This rank's [start, end) of a flat buffer of n elements (the last shard may be
+        shorter; llm.c requires n divisible by world, we do not)."""
+        size = -(-n // self.world)
+        start = min(self.rank * size, n)
+        return start, min(start + size, n)
+
+    def reduce_scatter_avg_(self, flat):
+        """Average `flat` across ranks; afterwards this rank's shard of it is exact (the rest
+        may be stale). Returns the shard view."""
+        start, end = self.shard_range(flat.numel())
+        if self.world == 1:
+            return flat[start:end]
+        import torch.distributed as tdist
+        if self.backend == "nccl" and flat.numel() % self.world == 0:
+            out = torch_empty_like(flat[start:end])
+            tdist.reduce_scatter_tensor(out, flat, op=tdist.ReduceOp.AVG)
+            flat[start:end].copy_(out)
+        else:  # gloo, or a size that does not split evenly
+            self.all_reduce_avg_(flat)
+        return flat[start:end]
+
+    def all_gather_(self, flat) -> None:
+        """Every rank's shard of `flat` to every rank, in place."""
+        if self.world == 1:
+            return
+        import torch.distributed as tdist
+        start, end = self.shard_range(flat.numel())
+        if self.backend == "nccl" and flat.numel() % self.world == 0:
+            tdist.all_gather_into_tensor(flat, flat[start:end].clone())
+        else:  # gloo: zeros but for my shard, summed over ranks
+            mine = flat[start:end].clone()
+            flat.zero_()
+            flat[start:end].copy_(mine)
+            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+
+    def _device(self):
+        import torch
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
+            else torch.device("cpu")
+
+    def shutdown(self) -> None:
+        if self.world > 1:
+            import torch.distributed as tdist
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def torch_empty_like(t):
+    import torch
+    return torch.empty_like(t)
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        if n in os.environ:
+            return int(os.environ[n])
+    return None
+
+
+def detect(rc) -> tuple[int, int, int, str]:
+    """(rank, world, local_rank, launcher) from flags, then torchrun, MPI or slurm."""
+    if rc.num_processes > 1:
+        local = rc.process_rank % max(rc.gpus_per_node, 1)
+        return rc.process_rank, rc.num_processes, local, "flags"
+    world = _env_int("WORLD_SIZE")
+    if world is not None and "RANK" in os.environ:
+        return _env_int("RANK"), world, _env_int("LOCAL_RANK") or 0, "torchrun"
+    world = _env_int("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS")
+    if world is not None:
+        rank = _env_int("OMPI_COMM_WORLD_RANK", "PMI_RANK")
+        local = _env_int("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+        return rank, world, local if local is not None else rank % max(rc.gpus_per_node, 1), "mpi"
+    world = _env_int("SLURM_NTASKS")
+    if world is not None and world > 1:
+        return _env_int("SLURM_PROCID"), world, _env_int("SLURM_LOCALID") or 0, "slurm"
+    return 0, 1, 0, "single"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_method(rc, launcher: str, rank: int) -> str:
+    if launcher == "torchrun":
+        return "env://"
+    if rc.init_method == "tcp":
+        if not rc.server_ip:
+            raise LlmpyError("-ps: -pi tcp needs the rendezvous server's address, got none")
+        host, _, port = rc.server_ip.partition(":")
+        return f"tcp://{host}:{port or 29500}"
+    if rc.init_method == "fs":
+        if not rc.fs_path:
+            raise LlmpyError("-pf: -pi fs needs a directory shared by all processes, got none")
+        os.makedirs(rc.fs_path, exist_ok=True)
+        return "file://" + os.path.join(os.path.abspath(rc.fs_path), "llmpy_rendezvous")
+    if "MASTER_ADDR" in os.environ:
+        return "env://"
+    try:  # -pi mpi: rank 0 picks an address and a port and sends them to everyone
+        from mpi4py import MPI
+    except ImportError:
+        raise LlmpyError("-pi mpi: needs mpi4py (pip install mpi4py), or MASTER_ADDR and "
+                         "MASTER_PORT in the environment, or -pi tcp -ps HOST[:PORT] / "
+                         "-pi fs -pf DIR") from None
+    addr = (socket.gethostbyname(socket.gethostname()), _free_port()) if rank == 0 else None
+    host, port = MPI.COMM_WORLD.bcast(addr, root=0)
+    return f"tcp://{host}:{port}"
+
+
+def init(rc, device: str) -> Dist:
+    """Join the job (or not, for one process). NCCL on CUDA, gloo on the CPU."""
+    rank, world, local, launcher = detect(rc)
+    if world == 1:
+        return Dist()
+    import torch
+    import torch.distributed as tdist
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    tdist.init_process_group(backend=backend, init_method=init_method(rc, launcher, rank),
+                             rank=rank, world_size=world, timeout=TIMEOUT)
+    return Dist(rank=rank, world=world, local_rank=local, backend=backend)
