@@ -118,3 +118,54 @@ def test_nan_on_one_rank_is_agreed(shards, tmp_path):
     assert res[0]["skipped"] == res[1]["skipped"] == [3]
     assert res[0]["params_sha"] == res[1]["params_sha"]
     assert np.isfinite(np.load(res[0]["params_path"])).all()
+
+
+def test_launcher_detection(monkeypatch):
+    from llmpy.dist import detect, init_method
+    from llmpy.train import RunConfig
+    for k in list(os.environ):
+        if k.startswith(("OMPI_", "PMI_", "SLURM_", "MPI_")) or k in ("RANK", "WORLD_SIZE",
+                                                                       "LOCAL_RANK"):
+            monkeypatch.delenv(k)
+    rc = RunConfig()
+    assert detect(rc) == (0, 1, 0, "single")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    assert detect(rc) == (3, 4, 1, "mpi")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert detect(rc) == (2, 8, 2, "torchrun")
+    assert init_method(rc, "torchrun", 2) == "env://"
+    flags = RunConfig(num_processes=16, process_rank=9, gpus_per_node=8, init_method="tcp",
+                      server_ip="10.0.0.1")
+    assert detect(flags) == (9, 16, 1, "flags")
+    assert init_method(flags, "flags", 9) == "tcp://10.0.0.1:29500"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+              "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert detect(rc) == (1, 2, 0, "slurm")
+    from llmpy.errors import LlmpyError
+    with pytest.raises(LlmpyError, match="-ps"):
+        init_method(RunConfig(init_method="tcp"), "slurm", 0)
+
+
+def test_llmc_flags_with_shared_file_init(shards, tmp_path):
+    """llm.c's own way: -pn 2 -pr r -pi fs -pf DIR, no launcher environment at all."""
+    procs = []
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    for r in range(2):
+        args = args_for(shards, tmp_path / "fs", steps=3, extra=[
+            "-pn", "2", "-pr", str(r), "-pi", "fs", "-pf", str(tmp_path / "rdv")])
+        procs.append(subprocess.Popen([sys.executable, "-m", "llmpy", "train", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "processes=2" in logs[0]
+    assert (tmp_path / "fs" / "state_00000003_00001.bin").exists()
+    assert (tmp_path / "fs" / "DONE_00000003").exists()
