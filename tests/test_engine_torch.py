@@ -109,6 +109,24 @@ def test_step_matches_llmc_adamw_with_decay_on_2d_tensors_only():
     assert rel_err(st["m"], m) < 1e-6 and rel_err(st["v"], v) < 1e-6 and st["master"] is None
 
 
+def test_sharded_step_equals_full_step():
+    """ZeRO-1's step(shard=(start, end)) over shards that tile the buffer == one full step.
+    The cut falls inside qkvw, so a decayed tensor is split between shards."""
+    x, y = batch()
+    full, sharded = engine(), engine()
+    for e in (full, sharded):
+        e.forward(x, y)
+        e.backward()
+    hp = dict(weight_decay=0.1, beta1=0.8, beta2=0.9, eps=1e-6, grad_scale=0.5)
+    full.step(1e-2, 3, **hp)
+    a, b = SMALL.param_offsets()["qkvw"]
+    cut = (a + b) // 2 + 1
+    for shard in ((0, cut), (cut, SMALL.num_params)):
+        sharded.step(1e-2, 3, shard=shard, **hp)
+    assert rel_err(sharded.flat.numpy(), full.flat.numpy()) < TOL64
+    assert rel_err(sharded.v.numpy(), full.v.numpy()) < TOL64
+
+
 def test_weight_decay_skips_biases_and_layernorms():
     e = engine()
     before = e.get_params()
