@@ -125,14 +125,15 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     Read directly (8-byte header length, JSON header, raw little-endian data) because
     safetensors' numpy API cannot hold BF16, which many hub checkpoints use."""
     path = Path(path)
-    raw = path.read_bytes()
-    if len(raw) < 8:
-        raise LlmpyError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    try:
-        header = json.loads(raw[8:8 + n])
-    except (ValueError, UnicodeDecodeError):
-        raise LlmpyError(f"{path}: not a safetensors file (bad JSON header)") from None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LlmpyError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise LlmpyError(f"{path}: not a safetensors file (bad JSON header)") from None
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -142,11 +143,13 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             raise LlmpyError(f"{path}: tensor {name} has dtype {info['dtype']}; expected one of "
                              f"{', '.join(SAFETENSORS_DTYPES)}")
         a, b = info["data_offsets"]
-        t = np.frombuffer(raw, dtype=dtype, count=(b - a) // np.dtype(dtype).itemsize,
-                          offset=8 + n + a)
+        count = (b - a) // np.dtype(dtype).itemsize
+        # memmap: only the float32 copy of each tensor is ever held in memory
+        t = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + a, shape=(count,)) \
+            if count else np.zeros(0, dtype)
         if info["dtype"] == "BF16":
             t = (t.astype(np.uint32) << 16).view(np.float32)
-        out[name] = t.astype(np.float32).reshape(info["shape"])
+        out[name] = np.array(t, dtype=np.float32).reshape(info["shape"])
     return out
 
 

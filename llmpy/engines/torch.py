@@ -191,7 +191,8 @@ class TorchEngine:
 
     def _tokens(self, a, ndim: int = 2):
         """int array or tensor -> int64 tensor on the device, shape-checked."""
-        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
+        # torch.tensor copies (B*T ints): read-only memmap slices are fine, uint16 too
+        t = a if isinstance(a, torch.Tensor) else torch.tensor(np.asarray(a), dtype=torch.long)
         if t.dim() != ndim:
             raise LlmpyError(f"torch engine: token array must be {ndim}-D, got shape {tuple(t.shape)}")
         if ndim == 2 and t.size(1) > self.config.max_seq_len:
