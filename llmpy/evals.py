@@ -1,9 +1,13 @@
-"""Evaluations shared by the training loop and `llmpy eval`: HellaSwag and validation loss.
+"""Evaluations shared by the training loop and `llmpy eval`: HellaSwag, MMLU, validation loss.
 
 HellaSwag scoring is llm.c's (llmc/evalloader.h): each example is 4 rows, context + one
 ending each; an ending's score is the mean cross-entropy over its own tokens; the lowest
 wins. Per-position losses come from `engine.token_losses` when the engine has it (no (B,T,V)
 logits leave the device), else from `engine.logits` here in NumPy.
+
+MMLU (llm.c's dev/data/mmlu.py) is the same multiple-choice scoring over an eval file of
+the same format (`llmpy data mmlu`). `llmpy eval` also reports the "acc" of llm.c's Python
+scripts (the ending with the lowest total loss wins) next to the mean-loss "acc_norm".
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
+from .data.loader import NUM_COMPLETIONS
 from .errors import LlmpyError
 
 
@@ -20,58 +25,102 @@ def token_losses(engine, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Cross-entropy at every position, (B, T) float32."""
     if hasattr(engine, "token_losses"):
         return np.asarray(engine.token_losses(inputs, targets), dtype=np.float32)
-    logits = np.asarray(engine.logits(inputs), dtype=np.float64)  # (B, T, V)
-    logits -= logits.max(axis=-1, keepdims=True)
-    logz = np.log(np.exp(logits).sum(axis=-1))  # (B, T)
-    picked = np.take_along_axis(logits, targets[..., None].astype(np.int64), axis=-1)[..., 0]
-    return (logz - picked).astype(np.float32)
+    logits = np.asarray(engine.logits(inputs), dtype=np.float32)  # (B, T, V)
+    top = logits.max(axis=-1, keepdims=True)                       # (B, T, 1)
+    picked = np.take_along_axis(logits, targets[..., None].astype(np.int64), axis=-1)
+    # log-sum-exp with one (B, T, V) temporary, summed in float64
+    logz = np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64)) + top[..., 0]
+    return (logz - picked[..., 0]).astype(np.float32)  # (B, T)
+
+
+def multiple_choice_scores(engine, loader, progress: bool = False,
+                           desc: str = "eval") -> dict:
+    """Both of llm.c's scores over this rank's examples: {"acc_norm": lowest mean loss per
+    ending wins (what llm.c's C code and the training loop report), "acc": lowest total
+    loss wins, "examples": how many}."""
+    correct = correct_sum = total = 0
+    for batch in tqdm(loader, total=loader.num_batches, disable=not progress, desc=desc,
+                      unit="batch"):
+        losses = token_losses(engine, batch.inputs, batch.targets)  # (B, T)
+        correct += batch.num_correct(losses)
+        summed = (losses.astype(np.float64) * batch.mask).sum(axis=1)  # (B,)
+        pred = summed.reshape(-1, NUM_COMPLETIONS).argmin(axis=1)      # (B/4,)
+        correct_sum += int(((pred == batch.labels) & (batch.labels >= 0)).sum())
+        total += batch.num_examples
+    n = max(total, 1)
+    return {"acc_norm": correct / n, "acc": correct_sum / n, "examples": total}
 
 
 def hellaswag_accuracy(engine, loader, progress: bool = False) -> float:
     """Fraction of this rank's examples whose lowest-loss ending is the label."""
+    correct, total = hellaswag_counts(engine, loader, progress)
+    return correct / max(total, 1)
+
+
+def hellaswag_counts(engine, loader, progress: bool = False) -> tuple[int, int]:
+    """(correct, examples) over this rank's share of the eval file."""
     correct = total = 0
     for batch in tqdm(loader, total=loader.num_batches, disable=not progress, desc="hellaswag",
                       unit="batch"):
         losses = token_losses(engine, batch.inputs, batch.targets)  # (B, T)
         correct += batch.num_correct(losses)
         total += batch.num_examples
-    return correct / max(total, 1)
+    return correct, total
+
+
+def _default_eval_path(task: str):
+    """Where `llmpy data hellaswag|mmlu` writes by default (and training looks for -h 1)."""
+    from .data import cache_dir
+    from .train import _default_hellaswag_path
+    return _default_hellaswag_path() if task == "hellaswag" else cache_dir("mmlu") / "mmlu_test.bin"
 
 
 def main(argv: list[str]) -> int:
-    """`llmpy eval hellaswag|val MODEL`: evaluate a model file, checkpoint dir or HF GPT-2."""
+    """`llmpy eval hellaswag|mmlu|val MODEL`: evaluate a model file, checkpoint dir or HF
+    GPT-2 (name or directory)."""
+    from pathlib import Path
+
     from .data.loader import DistributedDataLoader, EvalLoader
     from .engines import make_engine
-    from .train import _default_hellaswag_path, load_init, pick_engine_and_device
+    from .train import load_init, pick_engine_and_device
 
     p = argparse.ArgumentParser(prog="llmpy eval", description=main.__doc__)
-    p.add_argument("task", choices=["hellaswag", "val"])
+    p.add_argument("task", choices=["hellaswag", "mmlu", "val"])
     p.add_argument("model", help="llm.c model .bin, an output dir (newest checkpoint), a "
                    "descriptor, or a Hugging Face GPT-2 name/dir")
-    p.add_argument("--file", default="", help="HellaSwag eval file (default: the cache's "
-                   "hellaswag_val.bin) or, for val, the token shard glob (-j)")
+    p.add_argument("--file", default="", help="eval file (default: the cache's "
+                   "hellaswag/hellaswag_val.bin or mmlu/mmlu_test.bin) or, for val, the token "
+                   "shard glob (-j)")
     p.add_argument("-b", "--batch-size", type=int, default=4)
     p.add_argument("-t", "--seq-len", type=int, default=0, help="default: the model's maxT "
-                   "(val) or 512 (hellaswag)")
+                   "(val, mmlu) or 512 (hellaswag)")
     p.add_argument("-m", "--val-batches", type=int, default=-1, help="-1: all")
-    p.add_argument("--limit", type=int, default=0, help="HellaSwag: first N examples only")
+    p.add_argument("--limit", type=int, default=0, help="HellaSwag/MMLU: first N examples only")
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    if a.task != "val":
+        path = a.file or str(_default_eval_path(a.task))
+        if not Path(path).is_file():  # checked before the model is loaded
+            raise LlmpyError(f"{a.task}: no eval file {path} (build it with `llmpy data "
+                             f"{a.task}`, or pass --file)")
     config, params = load_init(a.model)
     engine_name, device = pick_engine_and_device(a.engine, a.device)
     engine = make_engine(engine_name, config, device=device)
     engine.set_params(params)
-    if a.task == "hellaswag":
-        path = a.file or str(_default_hellaswag_path())
-        T = a.seq_len or min(512, config.max_seq_len)
+    if a.task != "val":
+        default_T = min(512, config.max_seq_len) if a.task == "hellaswag" else config.max_seq_len
+        T = a.seq_len or default_T
         B = max(4, a.batch_size - a.batch_size % 4)
         loader = EvalLoader(path, B, T)
         if a.limit:
             loader.examples = loader.examples[:a.limit]
             loader.num_batches = -(-len(loader.examples) // loader.examples_per_batch)
-        acc = hellaswag_accuracy(engine, loader, progress=True)
-        print(f"hellaswag accuracy: {acc:.4f} ({len(loader.examples)} examples, {path})")
+        scores = multiple_choice_scores(engine, loader, progress=True, desc=a.task)
+        print(f"{a.task} accuracy: {scores['acc_norm']:.4f} ({scores['examples']} examples, "
+              f"{path})")
+        print(f"{a.task} acc (lowest total loss): {scores['acc']:.4f}, acc_norm (lowest mean "
+              f"loss, llm.c's C score): {scores['acc_norm']:.4f}")
     else:
         if not a.file:
             raise LlmpyError("--file: val needs a token shard glob, got none")
