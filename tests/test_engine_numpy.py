@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llmpy.config import DECAYED, ModelConfig
+from llmpy.engines import make_engine
 from llmpy.engines import numpy_layers as nl
 from llmpy.engines.numpy import NumpyEngine
 from llmpy.errors import LlmpyError
@@ -48,7 +49,8 @@ def rng():
 def test_encoder(rng):
     Vp, maxT = 13, 11
     inputs = rng.integers(0, 10, size=(B, T))     # repeats, so the scatter must add
-    wte, wpe, dout = rng.normal(size=(Vp, C)), rng.normal(size=(maxT, C)), rng.normal(size=(B, T, C))
+    wte, wpe = rng.normal(size=(Vp, C)), rng.normal(size=(maxT, C))
+    dout = rng.normal(size=(B, T, C))
     out, cache = nl.encoder_forward(inputs, wte, wpe)
     dwte, dwpe = np.ones((Vp, C)), np.ones((maxT, C))    # backward adds into them
     nl.encoder_backward(dout, cache, dwte, dwpe)
@@ -352,7 +354,8 @@ def test_kv_cache_decode_matches_full_forward(dtype, tol):
 
 def test_interface_checks():
     cfg = SMALL
-    eng = NumpyEngine(cfg)
+    eng = make_engine("numpy", cfg, seed=1337, device="cpu")    # unknown options are ignored
+    assert isinstance(eng, NumpyEngine)
     assert eng.name == "numpy" and eng.param_dtype == "fp32"
     assert eng.get_params().dtype == np.float32 and eng.get_params().shape == (cfg.num_params,)
     assert math.isnan(eng.forward(make_batch(cfg, 1, 4)[0]))

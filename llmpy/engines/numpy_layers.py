@@ -12,7 +12,8 @@ Dimension legend:
     N  rows of a matmul (B*T)   IN, OUT  a matmul's input and output widths
 
 Everything works in the dtype of its inputs (float32 in training, float64 in tests).
-Weights are (OUT, IN), like nn.Linear and llm.c's files.
+Weights are (OUT, IN), like nn.Linear and llm.c's files. Every matmul is an explicit
+np.matmul call (bench/cpu_step.py records and replays them to time the matmuls alone).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def layernorm_backward(dout, cache):
 def matmul_forward(x, w, b=None):
     """x (..., IN); w (OUT, IN); b (OUT,) or None -> out (..., OUT)."""
     OUT, IN = w.shape
-    out = x.reshape(-1, IN) @ w.T                       # (N, OUT), one BLAS call
+    out = np.matmul(x.reshape(-1, IN), w.T)             # (N, OUT), one BLAS call
     if b is not None:
         out += b
     return out.reshape(*x.shape[:-1], OUT), (x, w, b is not None)
@@ -109,7 +110,7 @@ def matmul_backward(dout, cache, dw_out=None):
     x, w, has_bias = cache
     OUT, IN = w.shape
     d2 = dout.reshape(-1, OUT)                          # (N, OUT)
-    dx = (d2 @ w).reshape(x.shape)                      # (..., IN)
+    dx = np.matmul(d2, w).reshape(x.shape)              # (..., IN)
     dw = np.matmul(d2.T, x.reshape(-1, IN), out=dw_out)  # (OUT, IN)
     db = d2.sum(axis=0) if has_bias else None           # (OUT,)
     return dx, dw, db
@@ -136,16 +137,16 @@ def attention_forward(qkv, NH, kv_cache=None, pos=0):
         V[:, :, pos:pos + T] = v
         k, v = K[:, :, :pos + T], V[:, :, :pos + T]     # (B, NH, Tk, HS), Tk = pos + T
     Tk = k.shape[2]
-    att = q @ k.transpose(0, 1, 3, 2)                   # (B, NH, T, Tk)
+    att = np.matmul(q, k.transpose(0, 1, 3, 2))         # (B, NH, T, Tk)
     att *= 1.0 / math.sqrt(HS)
     # query i sits at position Tk - T + i and may only see keys at positions <= its own
     future = np.arange(Tk)[None, :] > (np.arange(T) + (Tk - T))[:, None]  # (T, Tk)
     if future.any():
-        att[..., future] = -np.inf
+        att += np.where(future, -np.inf, 0.0).astype(att.dtype)     # (T, Tk) broadcast
     att -= att.max(axis=-1, keepdims=True)
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)              # (B, NH, T, Tk) softmax rows
-    y = att @ v                                         # (B, NH, T, HS)
+    y = np.matmul(att, v)                               # (B, NH, T, HS)
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)      # (B, T, C) heads side by side
     return out, (q, k, v, att)
 
@@ -158,7 +159,7 @@ def attention_backward(dout, cache):
     dqkv = np.empty((B, T, 3, NH, HS), dtype=dout.dtype)    # (B, T, 3, NH, HS)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)               # each (B, NH, T, HS), views
     np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)        # (B, NH, T, HS)
-    datt = dy @ v.transpose(0, 1, 3, 2)                     # (B, NH, T, T)
+    datt = np.matmul(dy, v.transpose(0, 1, 3, 2))           # (B, NH, T, T)
     # softmax backward: dpre = att * (datt - sum(datt * att)); masked entries have att = 0
     datt -= np.einsum("bhij,bhij->bhi", datt, att)[..., None]
     datt *= att
