@@ -123,11 +123,16 @@ def _debug_state(args) -> int:
 
 
 def _hf(args) -> int:
+    from . import checkpoint as ckpt
     from .hf import export_hf
-    if not Path(args.checkpoint).is_file():
-        raise LlmpyError(f"export hf: checkpoint {args.checkpoint!r} is not a file; expected "
-                         f"an llm.c model .bin (e.g. out/model_00001000.bin)")
-    out = export_hf(args.checkpoint, args.outdir)
+    path = Path(args.checkpoint)
+    if path.is_dir() and ckpt.latest_step(path) is not None:
+        path = ckpt.model_path(path, ckpt.latest_step(path))  # an output dir: its newest
+    if not path.is_file():
+        raise LlmpyError(f"export hf: checkpoint {args.checkpoint!r} is not a model file or an "
+                         f"output dir with a complete checkpoint; expected an llm.c model .bin "
+                         f"(e.g. out/model_00001000.bin) or an output dir")
+    out = export_hf(str(path), args.outdir)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
     return 0

@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.gen_tokens < 1:
         raise LlmpyError(f"-g/--gen-tokens: expected >= 1, got {a.gen_tokens}")
-    config, params = load_init(a.checkpoint)
+    config, params = load_init(a.checkpoint, flag="checkpoint")
     engine_name, device = pick_engine_and_device(a.engine, a.device)
     engine = make_engine(engine_name, config, device=device)
     engine.set_params(params)

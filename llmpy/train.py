@@ -293,7 +293,7 @@ def peek_config(init: str) -> ModelConfig:
     return load_init(init)[0]
 
 
-def load_init(init: str, seed: int = 1337) -> tuple[ModelConfig, np.ndarray]:
+def load_init(init: str, seed: int = 1337, flag: str = "-e") -> tuple[ModelConfig, np.ndarray]:
     """-e: a descriptor (random init), an llm.c model file, an output dir (its newest complete
     checkpoint), or Hugging Face GPT-2 weights (gpt2|gpt2-medium|gpt2-large|gpt2-xl|DIR)."""
     from .init import init_params
@@ -309,7 +309,7 @@ def load_init(init: str, seed: int = 1337) -> tuple[ModelConfig, np.ndarray]:
             (p.is_dir() and (p / "config.json").exists()):
         from .hf import load_hf
         return load_hf(init)
-    raise LlmpyError(f"-e: {init!r} is not a model descriptor (d12, gpt3:c768, L=..,C=..,NH=..),"
+    raise LlmpyError(f"{flag}: {init!r} is not a model descriptor (d12, gpt3:c768, L=..,C=..,NH=..),"
                      f" an llm.c model file, a checkpoint dir or a Hugging Face GPT-2 dir/name")
 
 
