@@ -113,17 +113,19 @@ def default_label(log: Path) -> str:
 
 
 def smooth(values: list[float], n: int) -> list[float]:
-    """Trailing mean over the last n finite values (fewer at the start); nan stays nan."""
-    out, window, total = [], [], 0.0
-    for v in values:
-        if not math.isfinite(v):
-            out.append(math.nan)
-            continue
-        window.append(v)
-        total += v
-        if len(window) > n:
-            total -= window.pop(0)
-        out.append(total / len(window))
+    """Centered mean over a window of n points (shrinking at the ends, so no lag and no
+    shift); nan points stay nan and are left out of their neighbours' means."""
+    finite = [v if math.isfinite(v) else 0.0 for v in values]
+    ok = [1 if math.isfinite(v) else 0 for v in values]
+    csum, ccount = [0.0], [0]
+    for v, c in zip(finite, ok):
+        csum.append(csum[-1] + v)
+        ccount.append(ccount[-1] + c)
+    half, out = n // 2, []
+    for i, v in enumerate(values):
+        lo, hi = max(0, i - half), min(len(values), i - half + n)
+        count = ccount[hi] - ccount[lo]
+        out.append((csum[hi] - csum[lo]) / count if math.isfinite(v) and count else math.nan)
     return out
 
 
@@ -201,12 +203,12 @@ def plot_runs(runs: list[RunLog], out: str | Path, *, smooth_n: int = 0,
         if run.train:
             steps, losses = zip(*run.train)
             if smooth_n > 1:
-                ax.plot(steps, losses, color=color, alpha=0.2, lw=0.8)
+                ax.plot(steps, losses, color=color, alpha=0.25, lw=0.8)
                 shown = smooth(list(losses), smooth_n)
             else:
                 shown = list(losses)
             ax.plot(steps, shown, color=color, lw=1.4, label=run.label)
-            train_drawn.append(list(zip(steps, shown)))
+            train_drawn.append(run.train)
             for s in run.restarts:
                 ax.axvline(s, color=color, alpha=0.35, lw=0.8, ls=":")
         if run.val:
@@ -248,7 +250,7 @@ def plot_runs(runs: list[RunLog], out: str | Path, *, smooth_n: int = 0,
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
         ax.xaxis.set_major_formatter(_step_formatter())
     if title:
         fig.suptitle(title)
@@ -302,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None,
                    help="comma-separated legend names, one per run (default: dir names)")
     p.add_argument("--smooth", type=int, default=0, metavar="N",
-                   help="show train loss as a trailing mean of N steps (raw curve faint)")
+                   help="show train loss as a centered mean of N steps (raw curve faint)")
     p.add_argument("--baseline", default="auto", choices=["auto", "none", *SIZES],
                    help="OpenAI GPT-2 results to draw; auto: by --model, else by a size in "
                         "the run names (log_gpt2_124M), else none")

@@ -82,11 +82,12 @@ def test_parse_logger_output(tmp_path):
     assert run.hellaswag == [(0, 0.25)]                 # step 4's was the abandoned attempt's
 
 
-def test_smooth_is_a_trailing_mean_and_keeps_nan():
-    got = plot.smooth([1.0, 3.0, 5.0, math.nan, 7.0], 2)
-    assert got[:3] == [1.0, 2.0, 4.0]
+def test_smooth_is_a_centered_mean_and_keeps_nan():
+    got = plot.smooth([1.0, 3.0, 5.0, math.nan, 7.0, 9.0], 3)
+    assert got[:3] == [2.0, 3.0, 4.0]                   # windows [1,3], [1,3,5], [3,5,nan]
     assert math.isnan(got[3])
-    assert got[4] == 6.0
+    assert got[4:] == [8.0, 8.0]                        # [nan,7,9], [7,9]
+    assert plot.smooth([4.0, 2.0], 1) == [4.0, 2.0]
 
 
 @pytest.mark.parametrize("choice, model, labels, want", [
