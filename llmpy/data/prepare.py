@@ -95,7 +95,9 @@ def iter_records(path, columns: list[str] | None = None) -> Iterator[dict]:
             raise LlmpyError(f"--input {path}: reading parquet needs pyarrow "
                              f"(pip install pyarrow)") from None
         try:
-            pf = pq.ParquetFile(path)
+            # pre_buffer (pyarrow's default) keeps the file's column chunks as it reads on
+            # (RSS grew ~25 MB per 50M characters here); a 1 MB read buffer stays flat
+            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
             missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
             if missing:
                 raise LlmpyError(f"{path}: no column {missing[0]!r} (columns: "
