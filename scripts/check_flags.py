@@ -66,6 +66,7 @@ def check(argv: list[str], nproc: int, need_resume: bool):
         raise LlmpyError("-y: the auto-resume loop needs -y 1, got 0")
     if not rc.out_dir:
         raise LlmpyError("-o: the scripts need an output dir (main.log, checkpoints), got none")
+    every_ckpt = f"every {rc.checkpoint_every}" if rc.checkpoint_every else "at the end"
     rows += [
         ("processes", nproc),
         ("batch", f"B={rc.batch_size} T={rc.seq_len} total={total:,} tokens "
@@ -75,8 +76,7 @@ def check(argv: list[str], nproc: int, need_resume: bool):
                      f"final_frac={rc.final_lr_frac:g} wd={rc.weight_decay:g}"),
         ("val / HellaSwag / sample", f"every {rc.val_every} / "
                                      f"{'on' if rc.hellaswag else 'off'} / {rc.sample_every}"),
-        ("checkpoints", f"{f'every {rc.checkpoint_every}' if rc.checkpoint_every else 'at the end'}, keep "
-                        f"{rc.keep_last or 'all'}, resume {rc.resume}"),
+        ("checkpoints", f"{every_ckpt}, keep {rc.keep_last or 'all'}, resume {rc.resume}"),
         ("out dir", rc.out_dir),
     ]
     return rows, rc.max_steps, rc.out_dir

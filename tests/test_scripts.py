@@ -45,11 +45,20 @@ LAUNCHERS = {sys.executable, "torchrun", "mpirun", "srun"}
 COMMON = dict(weight_decay=0.1, recompute=0, zero=1, val_every=250, hellaswag=1, resume=1)
 
 
+# the scripts' knobs: none may leak in from the environment the tests run in
+KNOBS = ("NGPU", "OUT_DIR", "DATA_ROOT", "EXTRA_ARGS", "MAX_RETRIES", "RETRY_SLEEP", "DRY_RUN",
+         "PYTHON", "CPU_OK", "LLMPY_CACHE", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "SERVER_IP",
+         "SYNC_DIR", "LRS", "MODEL", "TRAIN", "VAL", "STEPS", "SWEEP_DIR")
+
+
+def clean_env(**env):
+    base = {k: v for k, v in os.environ.items() if k not in KNOBS and not k.startswith("SLURM_")}
+    return {**base, "PYTHON": sys.executable, "RETRY_SLEEP": "0", **env}
+
+
 def run_script(script, tmp_path, **env):
     """Run a script from an empty dir with nothing built (DATA_ROOT empty)."""
-    full_env = {**os.environ, "DATA_ROOT": str(tmp_path / "data"), "PYTHON": sys.executable,
-                "RETRY_SLEEP": "0", **env}
-    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+    full_env = clean_env(DATA_ROOT=str(tmp_path / "data"), **env)
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     return subprocess.run(["bash", str(script)], cwd=work, env=full_env, capture_output=True,
@@ -165,8 +174,7 @@ def test_check_flags_helper(capsys):
 
 
 def bash_with_common(snippet, tmp_path, **env):
-    full_env = {**os.environ, "PYTHON": sys.executable, "RETRY_SLEEP": "0",
-                "DATA_ROOT": str(tmp_path / "data"), **env}
+    full_env = clean_env(DATA_ROOT=str(tmp_path / "data"), **env)
     script = f"set -euo pipefail\nsource {shlex.quote(str(SCRIPTS / 'common.sh'))}\n{snippet}"
     return subprocess.run(["bash", "-c", script], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=300)
