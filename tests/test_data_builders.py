@@ -3,6 +3,7 @@ mmlu.py) on small fixtures written in each dataset's real schema, all offline.""
 
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -457,3 +458,98 @@ def test_workers_exit_with_the_build(fineweb_input, tmp_path):
     inp, _ = fineweb_input
     build(inp, tmp_path, workers=2, limit_docs=5)
     assert not multiprocessing.active_children()
+
+
+# ----------------------------------------------------------------------------------------
+# the network paths, with the hub and GitHub faked (the code around them runs for real)
+
+class FakeStream:
+    """What datasets.load_dataset(..., streaming=True) returns: iterable, with skip(n)."""
+
+    def __init__(self, rows, calls):
+        self.rows, self.calls = rows, calls
+
+    def skip(self, n):
+        self.calls.append(("skip", n))
+        return FakeStream(self.rows[n:], self.calls)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_fineweb_from_the_hub_streams_and_resumes(fineweb_built, monkeypatch, tmp_path):
+    import types
+    out, _, _ = fineweb_built
+    calls = []
+
+    def load_dataset(repo, name=None, split=None, streaming=False):
+        calls.append((repo, name, split, streaming))
+        return FakeStream(fineweb_docs(), calls)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    kw = dict(shard_size=SHARD, workers=0, progress=False)
+    res = build_fineweb("fineweb", "10B", tmp_path, None, limit_tokens=4500, **kw)
+    assert not res["complete"] and calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train",
+                                              True)]
+    res = build_fineweb("fineweb", "10B", tmp_path, None, **kw)
+    assert res["complete"] and read_all(tmp_path) == read_all(out)
+    state = read_progress(tmp_path / "fineweb_progress.json")
+    assert calls[-1] == ("skip", state["shards"][3]["docs"])  # resumed after shard 3
+    assert state["settings"]["input"] == "hf:HuggingFaceFW/fineweb/sample-10BT"
+    calls.clear()
+    build_fineweb("edu_fineweb", "100B", tmp_path / "edu", None, limit_docs=2, **kw)
+    assert calls[0][:2] == ("HuggingFaceFW/fineweb-edu", "sample-100BT")
+
+
+def test_tinystories_download_and_unpack(tmp_path, monkeypatch):
+    import tarfile
+    import types
+    src = tmp_path / "src"
+    stories = tinystories_files(src)
+
+    def hf_hub_download(repo, filename, repo_type=None, local_dir=None):
+        assert (repo, filename, repo_type) == ("roneneldan/TinyStories",
+                                               "TinyStories_all_data.tar.gz", "dataset")
+        path = os.path.join(local_dir, filename)
+        with tarfile.open(path, "w:gz") as tar:
+            for f in sorted(src.iterdir()):
+                tar.add(f, arcname=f.name)
+        return path
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    res = build_tinystories(tmp_path / "ts", None, workers=0, progress=False)
+    val, train = tinystories_reference(stories)
+    assert sorted(p.name for p in (tmp_path / "ts" / "TinyStories_all_data").iterdir()) == \
+        ["data00.json", "data01.json", "data02.json"]
+    np.testing.assert_array_equal(open_shard(res["shards"][0][0]), val)
+    np.testing.assert_array_equal(open_shard(res["shards"][1][0]), train)
+
+
+def test_hellaswag_download_and_mmlu_hub(tmp_path, monkeypatch):
+    import io
+    import types
+    import urllib.request
+    body = "".join(json.dumps(r) + "\n" for r in HELLASWAG).encode()
+    urls = []
+
+    def urlopen(url, timeout=None):
+        urls.append(url)
+        return io.BytesIO(body)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    path, n = build_hellaswag(tmp_path, None)
+    assert urls == ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                    "hellaswag_val.jsonl"]
+    assert (tmp_path / "hellaswag_val.jsonl").read_bytes() == body
+    assert n == 3 and path.read_bytes() == llmc_eval_bytes(HELLASWAG)
+    build_hellaswag(tmp_path, None)
+    assert len(urls) == 1  # the jsonl is downloaded once
+
+    def load_dataset(repo, config, split=None):
+        assert (repo, config, split) == ("cais/mmlu", "all", "test")
+        return MMLU
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    path, n = build_mmlu(tmp_path, None)
+    assert n == 2 and [e["label"] for e in read_eval(path)] == [2, 1]

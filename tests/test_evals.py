@@ -188,7 +188,6 @@ def test_eval_matches_llmc_reference_scoring(tiny):
 def _torch_gpt2(t, config):
     """A minimal GPT-2 forward from Hugging Face's state dict (Conv1D weights are (in, out)),
     independent of llm.py's engines."""
-    import torch
     import torch.nn.functional as F
     L, C, NH = config.num_layers, config.channels, config.num_heads
 

@@ -73,8 +73,8 @@ def build_hellaswag(out_dir=None, inputs=None, *, split: str = "val",
     if inputs:
         files = expand_inputs(inputs)
     else:
-        files = [download_url(URL.format(split=split),
-                              cache_dir("hellaswag") / f"hellaswag_{split}.jsonl", "hellaswag")]
+        files = [download_url(URL.format(split=split), out_dir / f"hellaswag_{split}.jsonl",
+                              "hellaswag")]
     examples = []
     for f in files:
         for i, ex in enumerate(iter_records(f)):
