@@ -1,0 +1,75 @@
+"""Fused classifier: softmax, cross-entropy and dlogits in one kernel over the logits, in
+place (llm.c's fused_classifier3 in llmc/fused_classifier.cuh).
+
+Per row: a first pass over the V real columns keeps a running max and sum of exponentials
+(online softmax) and gives lse = log sum exp; loss = lse - logit[target]. Training then
+overwrites the row with dlogits = (softmax - onehot(target)) * dloss, and with zeros in the
+padded columns V..Vp, so the (N, Vp) logits buffer becomes its own gradient and no second
+buffer of that size (the largest activation) exists.
+
+Dimension legend: N rows (B*T), V vocabulary, Vp padded vocabulary (the row stride).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_device, interpreting, pow2, to_dtype
+
+
+@triton.jit
+def _classifier_kernel(logits_ptr, targets_ptr, losses_ptr, N, V, Vp, stride, dloss,
+                       WRITE_DLOGITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    base = logits_ptr + rows.to(tl.int64)[:, None] * stride
+    m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)
+    s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = rmask[:, None] & (cols < V)[None, :]
+        x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(rmask, m + tl.log(tl.maximum(s, 1e-30)), 0.0)  # s >= 1 on real rows
+    tgt = tl.load(targets_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    xt = tl.load(logits_ptr + rows.to(tl.int64) * stride + tgt, mask=rmask, other=0.0)
+    tl.store(losses_ptr + rows, lse - xt.to(tl.float32), mask=rmask)
+    if WRITE_DLOGITS:
+        for v0 in range(0, Vp, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            real = (cols < V)[None, :]
+            mask = rmask[:, None] & (cols < Vp)[None, :]
+            x = tl.load(base + cols[None, :], mask=mask & real, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse[:, None])
+            d = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * dloss
+            d = tl.where(real, d, 0.0)
+            tl.store(base + cols[None, :], to_dtype(d, logits_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_classifier(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, V: int,
+                     dloss: float | None) -> torch.Tensor:
+    """logits (N, Vp) with unit column stride; targets (N,) int; losses (N,) fp32 written.
+    With dloss (the gradient of the reduced loss per row, 1/N for the mean), the logits are
+    overwritten with dlogits; with None they are only read."""
+    N, Vp = logits.shape
+    if logits.stride(1) != 1 or V > Vp:
+        raise ValueError(f"fused_classifier: logits {tuple(logits.shape)} need unit column "
+                         f"stride and V={V} <= Vp")
+    if targets.numel() != N or losses.numel() != N or losses.dtype != torch.float32:
+        raise ValueError(f"fused_classifier: targets and losses must have {N} entries "
+                         f"(losses fp32)")
+    check_device(logits, targets, losses)
+    if interpreting():
+        BLOCK_R, BLOCK_V, num_warps = pow2(min(N, 64)), pow2(min(Vp, 2048)), 1
+    else:
+        BLOCK_R, BLOCK_V, num_warps = 1, 4096, 8
+    write = dloss is not None
+    _classifier_kernel[(triton.cdiv(N, BLOCK_R),)](
+        logits, targets, losses, N, V, Vp, logits.stride(0), dloss if write else 0.0,
+        WRITE_DLOGITS=write, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=num_warps)
+    return losses

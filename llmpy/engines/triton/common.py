@@ -1,0 +1,58 @@
+"""Helpers shared by the triton engine's kernel launchers: interpreter detection and block
+sizes.
+
+Every kernel file in this package has the same anatomy (STYLE.md item 6): private
+`@triton.jit` kernels first, then the Python launchers that check shapes and pick block
+sizes. Kernels accumulate in fp32, and reductions go through per-block partial sums (never
+atomics), so every result is deterministic.
+
+With TRITON_INTERPRET=1 (set before triton is imported) the kernels run on CPU tensors in
+Triton's interpreter, one program at a time in NumPy; the launchers then pick large tiles so
+that few programs run (tests use tiny shapes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreting():
+            raise RuntimeError(f"triton kernel got a {t.device.type} tensor: run on CUDA, or "
+                               f"set TRITON_INTERPRET=1 before importing triton for the CPU")
+
+
+def pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def row_tile(C: int, gpu_rows: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) for kernels that hold whole rows of C channels."""
+    BLOCK_C = pow2(C)
+    if interpreting():
+        return max(1, 16384 // BLOCK_C), BLOCK_C, 1
+    num_warps = 4 if BLOCK_C * gpu_rows <= 2048 else 8
+    return gpu_rows, BLOCK_C, num_warps
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr):
+    """fp32 x -> dtype, rounding to nearest even. Written out for bf16 because Triton's CPU
+    interpreter truncates in its own conversion (the GPU rounds to nearest even)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(dtype)

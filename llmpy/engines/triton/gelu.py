@@ -1,0 +1,104 @@
+"""GELU, tanh approximation, forward and backward (llm.c's llmc/gelu.cuh).
+
+    gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+    gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+
+The backward works in place on the incoming gradient (like llm.c's gelu_backward_inplace)
+and, in the same pass, sums its columns per block of rows: that is the bias gradient of the
+fc matmul whose output fed the GELU (fcb), finished by reduce.add_partials.
+
+Dimension legend: N rows (B*T), OC columns (4C).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_device, interpreting, pow2, to_dtype
+
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+GELU_CUBE = 0.044715
+
+
+@triton.jit
+def _tanh(u):
+    # tanh through exp (no tanh in every Triton version); exp(-2|u|) never overflows
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _gelu_forward_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    th = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    tl.store(out_ptr + offs, to_dtype(0.5 * x * (1.0 + th), out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_backward_kernel(dout_ptr, x_ptr, partial_ptr, N, OC, ROWS_PER_PROG,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < OC
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = pid_r * ROWS_PER_PROG + r + tl.arange(0, BLOCK_R)
+        rmask = (rows < N) & (r + tl.arange(0, BLOCK_R) < ROWS_PER_PROG)
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * OC + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = x * x
+        th = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+        dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
+        grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx
+        dx = to_dtype(d * grad, dout_ptr.dtype.element_ty)
+        tl.store(dout_ptr + offs, dx, mask=mask)
+        acc += tl.sum(dx.to(tl.float32), axis=0)
+    tl.store(partial_ptr + pid_r * OC + cols, acc, mask=cmask)
+
+
+def gelu_forward(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = gelu(x), elementwise; both contiguous, same shape."""
+    if x.shape != out.shape or not (x.is_contiguous() and out.is_contiguous()):
+        raise ValueError(f"gelu_forward: x {tuple(x.shape)} and out {tuple(out.shape)} must be "
+                         f"contiguous and the same shape")
+    check_device(x, out)
+    n = x.numel()
+    BLOCK = pow2(n) if interpreting() else 2048
+    _gelu_forward_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, BLOCK=BLOCK, num_warps=8)
+    return out
+
+
+def gelu_backward_rows_per_prog(N: int) -> int:
+    return max(1, N) if interpreting() else 256
+
+
+def gelu_backward(dout: torch.Tensor, x: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    """dout (N, OC) becomes dout * gelu'(x) in place; writes the column sums of the result per
+    block of rows into partial (a flat fp32 buffer); returns that (P, OC) view."""
+    N, OC = dout.shape
+    if x.shape != (N, OC) or not (x.is_contiguous() and dout.is_contiguous()):
+        raise ValueError(f"gelu_backward: dout {tuple(dout.shape)} and x {tuple(x.shape)} must "
+                         f"be contiguous and the same shape")
+    check_device(dout, x, partial)
+    rows_per_prog = gelu_backward_rows_per_prog(N)
+    P = triton.cdiv(N, rows_per_prog)
+    if partial.numel() < P * OC or partial.dtype != torch.float32:
+        raise ValueError(f"gelu_backward: partial needs {P}x{OC} fp32")
+    partial = partial.view(-1)[:P * OC].view(P, OC)
+    if interpreting():
+        BLOCK_R, BLOCK_C = pow2(min(N, 16384 // pow2(OC))), pow2(OC)
+    else:
+        BLOCK_R, BLOCK_C = 16, 256
+    grid = (P, triton.cdiv(OC, BLOCK_C))
+    _gelu_backward_kernel[grid](dout, x, partial, N, OC, rows_per_prog, BLOCK_R=BLOCK_R,
+                                BLOCK_C=BLOCK_C, num_warps=4)
+    return partial

@@ -1,0 +1,537 @@
+"""The triton engine: GPT-2 with an explicit forward and backward, like llm.c's train_gpt2.cu.
+
+bf16 parameters, gradients and activations; fp32 AdamW m and v and (with -w 1) fp32 master
+weights, each one flat buffer in llm.c's order with named views. Activation and gradient
+buffers are allocated once for (B, T) at the first forward and reused (again if B or T
+change). The forward runs layer by layer; the backward walks the layers in reverse and
+calls each op's backward by hand: no autograd anywhere.
+
+Who does what:
+- matmuls: cuBLAS through torch (addmm with the bias fused as cuBLASLt's epilogue; the
+  weight gradients accumulate in place with addmm_);
+- attention: torch's cuDNN or FlashAttention-2 kernels, forward and backward called
+  explicitly (attention.py);
+- everything else: Triton kernels in this package (encoder, layernorm fused with the residual
+  add, GELU, the fused classifier, AdamW with stochastic rounding, the grad norm, bias
+  gradients), deterministic: no atomics.
+
+Recompute (-r): 0 keeps every activation; 1 recomputes GELU's output in the backward (one
+(B, T, 4C) buffer instead of L); 2 also recomputes both layernorms' outputs.
+
+On the CPU the engine runs too, slowly, for tests: with TRITON_INTERPRET=1 set before triton
+is imported, the kernels run in Triton's interpreter and attention in torch's CPU kernel.
+
+Dimension legend:
+    B batch   T time   C channels   V vocab (50257)   Vp padded vocab (50304)
+    NH heads  HS head size (C/NH)   L layers          maxT max sequence length   N = B*T
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...config import DECAYED, PARAM_NAMES, ModelConfig
+from ...errors import LlmpyError
+from ...init import init_params
+from . import attention as att
+from .adamw import adamw_update
+from .classifier import fused_classifier
+from .common import interpreting
+from .encoder import bucket_plan, encoder_backward, encoder_forward
+from .gelu import gelu_backward, gelu_backward_rows_per_prog, gelu_forward
+from .layernorm import layernorm_backward, layernorm_backward_rows_per_prog, layernorm_forward
+from .reduce import add_partials, sum_of_squares, total
+
+LAYER_NAMES = PARAM_NAMES[2:14]
+HEAD_CHUNK = 8192  # rows of (rows, Vp) logits at a time in token_losses
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LlmpyError(f"--device: expected cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlmpyError(f"triton engine: --device {device} but this torch "
+                         f"({torch.__version__}) sees no CUDA device; use --engine numpy or torch")
+    if dev.type == "cpu" and not interpreting():
+        raise LlmpyError("triton engine: needs a CUDA device (on the CPU it runs only for tests, "
+                         "with TRITON_INTERPRET=1 set before triton is imported); use --engine "
+                         "numpy or torch")
+    if dev.type not in ("cuda", "cpu"):
+        raise LlmpyError(f"triton engine: --device {device}: expected cuda")
+    return dev
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0..maxT-1: (L, B, NH, maxT, HS) each."""
+
+    def __init__(self, config: ModelConfig, B: int, device):
+        shape = (config.num_layers, B, config.num_heads, config.max_seq_len, config.head_size)
+        self.k = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+        self.v = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+
+    def update(self, layer: int, pos: int, k, v):
+        T = k.size(2)
+        self.k[layer, :, :, pos:pos + T] = k
+        self.v[layer, :, :, pos:pos + T] = v
+        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+
+
+class Activations:
+    """The forward's saved tensors and the backward's scratch, for one (B, T).
+
+    Per layer, llm.c's ActivationTensors: ln1, qkv, atty, residual2, ln2, fch, fch_gelu,
+    residual3 (bf16) and the layernorms' mean and rstd (fp32). ln1/ln2 (recompute 2) and
+    fch_gelu (recompute >= 1) keep one layer's worth only. atty and the attention's
+    logsumexp are allocated by torch's attention kernels at every forward."""
+
+    def __init__(self, config: ModelConfig, B: int, T: int, recompute: int, device):
+        L, C, Vp, NH = config.num_layers, config.channels, config.padded_vocab_size, \
+            config.num_heads
+        N = B * T
+        self.B, self.T, self.N = B, T, N
+        bf, f32 = torch.bfloat16, torch.float32
+        self.owned = []  # every buffer allocated here (for the memory report)
+
+        def buf(*shape, dtype=bf):
+            t = torch.empty(shape, dtype=dtype, device=device)
+            self.owned.append(t)
+            return t
+        Lln = 1 if recompute >= 2 else L
+        Lg = 1 if recompute >= 1 else L
+        self.encoded = buf(N, C)                         # (N, C)
+        self.ln1 = buf(Lln, N, C)                        # (L, N, C) or (1, N, C)
+        self.ln1_mean, self.ln1_rstd = buf(L, N, dtype=f32), buf(L, N, dtype=f32)
+        self.qkv = buf(L, N, 3 * C)                      # (L, N, 3C)
+        self.residual2 = buf(L, N, C)                    # (L, N, C)
+        self.ln2 = buf(Lln, N, C)                        # (L, N, C) or (1, N, C)
+        self.ln2_mean, self.ln2_rstd = buf(L, N, dtype=f32), buf(L, N, dtype=f32)
+        self.fch = buf(L, N, 4 * C)                      # (L, N, 4C) pre-GELU
+        self.fch_gelu = buf(Lg, N, 4 * C)                # (L, N, 4C) or (1, N, 4C)
+        self.residual3 = buf(L, N, C)                    # (L, N, C)
+        self.lnf = buf(N, C)                             # (N, C)
+        self.lnf_mean, self.lnf_rstd = buf(N, dtype=f32), buf(N, dtype=f32)
+        self.logits = buf(N, Vp)                         # (N, Vp), becomes dlogits
+        self.losses = buf(N + 1, dtype=f32)              # (N,) and the sum
+        self.atty = [None] * L                           # L x (B, T, C) views
+        self.att_saved = [None] * L
+        # backward scratch (proj is also the forward's attproj / fcproj output)
+        self.proj = buf(N, C)                            # (N, C)
+        self.dresidual = buf(N, C)                       # (N, C)
+        # with GELU recomputed, its (N, 4C) buffer takes dfch_gelu once fcprojw's gradient
+        # has read it
+        self.dbt4c = self.fch_gelu[0] if recompute >= 1 else buf(N, 4 * C)
+        self.dqkv = buf(N, 3 * C)                        # (N, 3C)
+        P = max(3 * C * -(-N // layernorm_backward_rows_per_prog(N)),
+                4 * C * -(-N // gelu_backward_rows_per_prog(N)),
+                3 * C * att.pack_heads_partials(N))
+        self.partial = buf(P, dtype=f32)                 # per-block partial sums
+        self.sumsq = buf(2048, dtype=f32)
+        self.inputs = torch.empty(B, T, dtype=torch.int32, device=device)
+        self.targets = torch.empty(N, dtype=torch.int32, device=device)
+        self.plan = None                                 # encoder backward plan (device)
+        self.plan_counts = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.owned)
+
+
+class TritonEngine:
+    """The engine interface of llmpy.engines, llm.c's CUDA trainer in Python.
+
+    recompute: -r (0, 1, 2). master_weights: -w (keep fp32 master weights). gelu_fusion:
+    -ge, accepted for llm.c's flags; torch exposes cuBLASLt's GELU epilogue but not its
+    GELU_AUX variant that keeps the pre-activation for the backward, so GELU stays a
+    separate kernel. attention: "auto" (cuDNN if it passes a check against math attention on
+    this GPU, else flash), "cudnn", "flash".
+    """
+
+    name = "triton"
+    param_dtype = "bf16"
+
+    def __init__(self, config: ModelConfig, seed: int = 1337, device=None, recompute: int = 1,
+                 master_weights: bool = True, gelu_fusion: int = 0, attention: str = "auto",
+                 verbose: bool = True):
+        if recompute not in (0, 1, 2):
+            raise LlmpyError(f"triton engine: recompute (-r) must be 0, 1 or 2, got {recompute}")
+        self.config = config
+        self.device = resolve_device(device)
+        self.seed = int(seed)
+        self.recompute = int(recompute)
+        self.gelu_fusion = int(gelu_fusion)
+        self.verbose = verbose
+        self.attention = att.Attention(self._pick_attention(attention))
+
+        n = config.num_params
+        flat = torch.from_numpy(init_params(config, seed))
+        self.params = flat.to(self.device, torch.bfloat16)            # (num_params,) bf16
+        self.master = flat.to(self.device) if master_weights else None  # (num_params,) fp32
+        self.grads = torch.zeros(n, dtype=torch.bfloat16, device=self.device)
+        self.m = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.v = torch.zeros(n, dtype=torch.float32, device=self.device)
+        shapes, self.offsets = config.param_shapes(), config.param_offsets()
+        self.p = {k: self.params[a:b].view(shapes[k]) for k, (a, b) in self.offsets.items()}
+        self.g = {k: self.grads[a:b].view(shapes[k]) for k, (a, b) in self.offsets.items()}
+        self.acts = None
+        self._pending = False      # a forward with targets waits for its backward
+        self._cache = None         # KVCache of prefill/decode
+        self._pos = 0
+        self._reported = False
+
+    def _pick_attention(self, attention: str) -> str:
+        avail = att.available_backends(self.device)
+        if attention == "auto":
+            for backend in avail:
+                if backend == "cpu" or att.self_check(backend, self.device) is None:
+                    return backend
+            raise LlmpyError("triton engine: no attention backend passed its check on this GPU")
+        if attention not in avail:
+            raise LlmpyError(f"triton engine: attention {attention!r} not available here; "
+                             f"available: {', '.join(avail)}")
+        return attention
+
+    # ------------------------------------------------------------------------------------
+    # inputs and buffers
+
+    def _tokens(self, a, what: str, ndim: int = 2) -> np.ndarray:
+        """Token ids as a host array: the encoder's backward plan is built on the host."""
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+        a = np.asarray(a)
+        if a.ndim != ndim:
+            raise LlmpyError(f"triton engine: {what} must be {ndim}-D token ids, got shape {a.shape}")
+        if ndim == 2 and a.shape[1] > self.config.max_seq_len:
+            raise LlmpyError(f"triton engine: sequence length {a.shape[1]} > maxT "
+                             f"{self.config.max_seq_len}; use a shorter -t")
+        if a.size and (a.min() < 0 or a.max() >= self.config.vocab_size):
+            raise LlmpyError(f"triton engine: {what} hold token ids outside [0, "
+                             f"{self.config.vocab_size}): min {a.min()}, max {a.max()}")
+        return a
+
+    def _to_device(self, a: np.ndarray, dtype=torch.int32) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
+
+    def _ensure_acts(self, B: int, T: int) -> Activations:
+        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
+            self.acts = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.acts = Activations(self.config, B, T, self.recompute, self.device)
+            if self.verbose and not self._reported:
+                print(self.memory_report(B, T), flush=True)
+                self._reported = True
+        return self.acts
+
+    def memory_report(self, B: int, T: int) -> str:
+        """Memory per tensor group for (B, T), and the largest B that fits at this T."""
+        cfg, n = self.config, self.config.num_params
+        fixed = {"params (bf16)": 2 * n, "grads (bf16)": 2 * n,
+                 "master weights (fp32)": 4 * n if self.master is not None else 0,
+                 "AdamW m, v (fp32)": 8 * n}
+        per_b = self.activation_bytes(2, T) - self.activation_bytes(1, T)
+        rows = [(k, v) for k, v in fixed.items()] + [(f"activations, B={B} T={T}",
+                                                      self.activation_bytes(B, T))]
+        lines = ["triton engine memory:"] + [f"  {k:<28} {v / 2**20:10,.1f} MiB" for k, v in rows]
+        lines.append(f"  {'total':<28} {sum(v for _, v in rows) / 2**20:10,.1f} MiB")
+        if self.device.type == "cuda":
+            cap = torch.cuda.get_device_properties(self.device).total_memory
+            # 5% and 1 GiB left for cuBLAS workspaces, the CUDA context and fragmentation
+            room = cap * 0.95 - 2**30 - sum(fixed.values()) - \
+                (self.activation_bytes(1, T) - per_b)
+            lines.append(f"  largest B at T={T} on this GPU ({cap / 2**30:.0f} GiB): "
+                         f"{max(0, int(room // per_b))}")
+        lines.append(f"  (recompute -r {self.recompute}, attention {self.attention.backend})")
+        return "\n".join(lines)
+
+    def activation_bytes(self, B: int, T: int) -> int:
+        """Bytes of Activations(B, T) plus what torch's attention kernels allocate per layer
+        (atty (B, T, C) bf16 and the logsumexp (B, NH, T) fp32)."""
+        cfg = self.config
+        own = Activations(cfg, B, T, self.recompute, "meta").nbytes()
+        return own + cfg.num_layers * B * T * (2 * cfg.channels + 4 * cfg.num_heads)
+
+    # ------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, inputs, targets=None) -> float:
+        """Mean cross-entropy over B*T (nan without targets), keeping what backward needs."""
+        x = self._tokens(inputs, "inputs")
+        self._pending = False
+        if targets is None:
+            self._hidden(self._to_device(x))
+            return float("nan")
+        y = self._tokens(targets, "targets")
+        if y.shape != x.shape:
+            raise LlmpyError(f"triton engine: targets shape {y.shape} != inputs shape {x.shape}")
+        cfg = self.config
+        B, T = x.shape
+        a = self._ensure_acts(B, T)
+        N, C, L, NH = a.N, cfg.channels, cfg.num_layers, cfg.num_heads
+        p = self.p
+        a.inputs.copy_(torch.from_numpy(x.astype(np.int32)))
+        a.targets.copy_(torch.from_numpy(y.reshape(-1).astype(np.int32)))
+        plan, a.plan_counts = bucket_plan(x)
+        a.plan = self._to_device(plan)
+        a.atty = [None] * L
+        a.att_saved = [None] * L
+        lnl = (lambda l: 0) if self.recompute >= 2 else (lambda l: l)
+        gl = (lambda l: 0) if self.recompute >= 1 else (lambda l: l)
+
+        encoder_forward(a.inputs, p["wte"], p["wpe"], a.encoded.view(B, T, C))
+        layernorm_forward(a.encoded, p["ln1w"][0], p["ln1b"][0], a.ln1[0], a.ln1_mean[0],
+                          a.ln1_rstd[0])
+        for l in range(L):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]         # (N, C)
+            torch.addmm(p["qkvb"][l], a.ln1[lnl(l)], p["qkvw"][l].t(), out=a.qkv[l])
+            y_att, a.att_saved[l] = self.attention.forward(a.qkv[l].view(B, T, 3 * C), NH)
+            a.atty[l] = y_att.reshape(N, C)                                # (N, C)
+            torch.addmm(p["attprojb"][l], a.atty[l], p["attprojw"][l].t(), out=a.proj)
+            layernorm_forward(residual, p["ln2w"][l], p["ln2b"][l], a.ln2[lnl(l)],
+                              a.ln2_mean[l], a.ln2_rstd[l], delta=a.proj, xsum=a.residual2[l])
+            torch.addmm(p["fcb"][l], a.ln2[lnl(l)], p["fcw"][l].t(), out=a.fch[l])
+            gelu_forward(a.fch[l], a.fch_gelu[gl(l)])
+            torch.addmm(p["fcprojb"][l], a.fch_gelu[gl(l)], p["fcprojw"][l].t(), out=a.proj)
+            if l + 1 < L:  # the next layer's ln1, fused with this residual add
+                layernorm_forward(a.residual2[l], p["ln1w"][l + 1], p["ln1b"][l + 1],
+                                  a.ln1[lnl(l + 1)], a.ln1_mean[l + 1], a.ln1_rstd[l + 1],
+                                  delta=a.proj, xsum=a.residual3[l])
+            else:
+                layernorm_forward(a.residual2[l], p["lnfw"], p["lnfb"], a.lnf, a.lnf_mean,
+                                  a.lnf_rstd, delta=a.proj, xsum=a.residual3[l])
+        torch.mm(a.lnf, p["wte"].t(), out=a.logits)                       # (N, Vp)
+        # losses, and dlogits in place for a mean loss (backward scales by grad_scale)
+        fused_classifier(a.logits, a.targets, a.losses[:N], cfg.vocab_size, 1.0 / N)
+        total_loss = total(a.losses[:N], a.losses[N:])
+        self._pending = True
+        return float(total_loss.item()) / N
+
+    # ------------------------------------------------------------------------------------
+    # backward
+
+    def backward(self, grad_scale: float = 1.0) -> None:
+        """ADD grad_scale * d(mean loss)/d(params) into the gradient buffer."""
+        if not self._pending:
+            raise RuntimeError("triton engine: backward() needs a forward() with targets first")
+        self._pending = False
+        cfg, a, p, g = self.config, self.acts, self.p, self.g
+        B, T, N = a.B, a.T, a.N
+        C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
+        gs = float(grad_scale)
+        lnl = (lambda l: 0) if self.recompute >= 2 else (lambda l: l)
+        dres, dbtc = a.dresidual, a.proj                                   # (N, C) each
+
+        def ln_backward(dout, x, w, mean, rstd, dw, db, dbias, accumulate=True):
+            part = layernorm_backward(dout, x, w, mean, rstd, dres, a.partial, accumulate)
+            add_partials(part[:, 0], dw)
+            add_partials(part[:, 1], db)
+            if dbias is not None:  # the projection whose output fed this residual
+                add_partials(part[:, 2], dbias)
+
+        # lm head (tied wte): dlogits are in a.logits since the forward
+        torch.addmm(dbtc, a.logits, p["wte"], beta=0.0, alpha=gs, out=dbtc)  # (N, C)
+        g["wte"].addmm_(a.logits.t(), a.lnf, alpha=gs)                       # (Vp, C)
+        ln_backward(dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_mean, a.lnf_rstd, g["lnfw"],
+                    g["lnfb"], g["fcprojb"][L - 1], accumulate=False)
+        for l in reversed(range(L)):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            # MLP: fcproj, GELU, fc, ln2
+            if self.recompute >= 1:
+                gelu_forward(a.fch[l], a.fch_gelu[0])
+            fch_gelu = a.fch_gelu[0 if self.recompute >= 1 else l]         # (N, 4C)
+            g["fcprojw"][l].addmm_(dres.t(), fch_gelu)                     # (C, 4C)
+            torch.mm(dres, p["fcprojw"][l], out=a.dbt4c)                   # (N, 4C)
+            add_partials(gelu_backward(a.dbt4c, a.fch[l], a.partial), g["fcb"][l])
+            if self.recompute >= 2:
+                layernorm_forward(a.residual2[l], p["ln2w"][l], p["ln2b"][l], a.ln2[0],
+                                  a.ln2_mean[l], a.ln2_rstd[l])
+            g["fcw"][l].addmm_(a.dbt4c.t(), a.ln2[lnl(l)])                 # (4C, C)
+            torch.mm(a.dbt4c, p["fcw"][l], out=dbtc)                       # (N, C)
+            ln_backward(dbtc, a.residual2[l], p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l],
+                        g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])
+            # attention: attproj, attention, qkv, ln1
+            g["attprojw"][l].addmm_(dres.t(), a.atty[l])                   # (C, C)
+            torch.mm(dres, p["attprojw"][l], out=dbtc)                     # (N, C)
+            part = self.attention.backward(dbtc.view(B, T, C), a.qkv[l].view(B, T, 3 * C),
+                                           a.att_saved[l], NH, a.dqkv,
+                                           a.partial[:3 * C * att.pack_heads_partials(N)]
+                                           .view(-1, 3 * C))
+            add_partials(part, g["qkvb"][l])
+            a.atty[l] = a.att_saved[l] = None
+            if self.recompute >= 2:
+                layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l], a.ln1[0],
+                                  a.ln1_mean[l], a.ln1_rstd[l])
+            g["qkvw"][l].addmm_(a.dqkv.t(), a.ln1[lnl(l)])                 # (3C, C)
+            torch.mm(a.dqkv, p["qkvw"][l], out=dbtc)                       # (N, C)
+            ln_backward(dbtc, residual, p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l],
+                        g["ln1w"][l], g["ln1b"][l], g["fcprojb"][l - 1] if l > 0 else None)
+        encoder_backward(dres.view(B, T, C), a.plan, a.plan_counts, g["wte"], g["wpe"])
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+
+    def grad_norm(self) -> float:
+        buf = self.acts.sumsq if self.acts is not None else None
+        return math.sqrt(float(sum_of_squares(self.grads, buf).item()))
+
+    # ------------------------------------------------------------------------------------
+    # AdamW
+
+    def _rounding_seed(self, t: int, tensor: int) -> int:
+        """31-bit seed of the stochastic rounding: a function of (seed, step, tensor) only,
+        so a resumed run rounds exactly as the uninterrupted one."""
+        return int(np.random.SeedSequence([self.seed, int(t), tensor]).generate_state(1)[0]
+                   & 0x7FFFFFFF)
+
+    def step(self, lr: float, t: int, weight_decay: float = 0.0, beta1: float = 0.9,
+             beta2: float = 0.95, eps: float = 1e-8, grad_scale: float = 1.0) -> None:
+        if t < 1:
+            raise ValueError(f"triton engine: step t must be >= 1 (t = step + 1), got {t}")
+        for i, name in enumerate(PARAM_NAMES):
+            a, b = self.offsets[name]
+            adamw_update(self.params[a:b], self.grads[a:b],
+                         None if self.master is None else self.master[a:b], self.m[a:b],
+                         self.v[a:b], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                         weight_decay=weight_decay if name in DECAYED else 0.0, t=t,
+                         grad_scale=grad_scale, seed=self._rounding_seed(t, i))
+
+    # ------------------------------------------------------------------------------------
+    # inference: fresh buffers, the training buffers are left alone
+
+    def _hidden(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None):
+        """Token ids (B, T) at positions pos.. -> lnf output (B*T, C) bf16."""
+        cfg, p = self.config, self.p
+        B, T = idx.shape
+        N, C, L, NH = B * T, cfg.channels, cfg.num_layers, cfg.num_heads
+
+        def buf(*shape, dtype=torch.bfloat16):
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        x, x2, h, proj = buf(N, C), buf(N, C), buf(N, C), buf(N, C)
+        qkv, fch, fg = buf(N, 3 * C), buf(N, 4 * C), buf(N, 4 * C)
+        mean, rstd = buf(N, dtype=torch.float32), buf(N, dtype=torch.float32)
+        encoder_forward(idx, p["wte"], p["wpe"], x.view(B, T, C), pos)
+        layernorm_forward(x, p["ln1w"][0], p["ln1b"][0], h, mean, rstd)
+        for l in range(L):
+            torch.addmm(p["qkvb"][l], h, p["qkvw"][l].t(), out=qkv)
+            q, k, v = att.split_qkv(qkv.view(B, T, 3 * C), NH)           # (B, NH, T, HS)
+            if cache is not None:
+                k, v = cache.update(l, pos, k, v)                         # (B, NH, pos+T, HS)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=(pos == 0))
+            y = y.transpose(1, 2).reshape(N, C)                           # (N, C)
+            torch.addmm(p["attprojb"][l], y, p["attprojw"][l].t(), out=proj)
+            layernorm_forward(x, p["ln2w"][l], p["ln2b"][l], h, mean, rstd, delta=proj, xsum=x2)
+            torch.addmm(p["fcb"][l], h, p["fcw"][l].t(), out=fch)
+            gelu_forward(fch, fg)
+            torch.addmm(p["fcprojb"][l], fg, p["fcprojw"][l].t(), out=proj)
+            w, b = (p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L else (p["lnfw"], p["lnfb"])
+            layernorm_forward(x2, w, b, h, mean, rstd, delta=proj, xsum=x)
+        return h
+
+    @torch.no_grad()
+    def logits(self, inputs) -> np.ndarray:
+        x = self._tokens(inputs, "inputs")
+        B, T = x.shape
+        V = self.config.vocab_size
+        h = self._hidden(self._to_device(x))
+        logits = torch.mm(h, self.p["wte"][:V].t())                       # (N, V)
+        return logits.float().view(B, T, V).cpu().numpy()
+
+    @torch.no_grad()
+    def token_losses(self, inputs, targets) -> np.ndarray:
+        """Cross-entropy at every position (B, T) float32, without (B, T, V) leaving the GPU."""
+        x = self._tokens(inputs, "inputs")
+        y = self._tokens(targets, "targets")
+        B, T = x.shape
+        N, Vp = B * T, self.config.padded_vocab_size
+        h = self._hidden(self._to_device(x))
+        tgt = self._to_device(y.reshape(-1))
+        losses = torch.empty(N, dtype=torch.float32, device=self.device)
+        chunk = min(N, HEAD_CHUNK)
+        logits = torch.empty(chunk, Vp, dtype=torch.bfloat16, device=self.device)
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            torch.mm(h[s:e], self.p["wte"].t(), out=logits[:e - s])
+            fused_classifier(logits[:e - s], tgt[s:e], losses[s:e], self.config.vocab_size, None)
+        return losses.view(B, T).cpu().numpy()
+
+    @torch.no_grad()
+    def prefill(self, inputs) -> np.ndarray:
+        x = self._tokens(inputs, "inputs")
+        B, T0 = x.shape
+        if T0 < 1:
+            raise LlmpyError("triton engine: prefill needs at least one token per row")
+        self._cache = KVCache(self.config, B, self.device)
+        h = self._hidden(self._to_device(x), 0, self._cache)
+        self._pos = T0
+        return self._head_last(h.view(B, T0, -1)[:, -1])
+
+    @torch.no_grad()
+    def decode(self, tokens) -> np.ndarray:
+        if self._cache is None:
+            raise RuntimeError("triton engine: decode() needs a prefill() first")
+        if self._pos >= self.config.max_seq_len:
+            raise LlmpyError(f"triton engine: decode at position {self._pos} would pass maxT "
+                             f"{self.config.max_seq_len}; prefill a shorter context")
+        x = self._tokens(np.asarray(tokens).reshape(-1, 1), "tokens")      # (B, 1)
+        if x.shape[0] != self._cache.k.size(1):
+            raise LlmpyError(f"triton engine: decode got {x.shape[0]} rows, prefill had "
+                             f"{self._cache.k.size(1)}")
+        h = self._hidden(self._to_device(x), self._pos, self._cache)      # (B, C)
+        self._pos += 1
+        return self._head_last(h)
+
+    def _head_last(self, h) -> np.ndarray:
+        V = self.config.vocab_size
+        return torch.mm(h.contiguous(), self.p["wte"][:V].t()).float().cpu().numpy()
+
+    # ------------------------------------------------------------------------------------
+    # state in and out (flat float32 arrays in llm.c's order)
+
+    def _flat_in(self, a, what: str) -> torch.Tensor:
+        a = np.asarray(a, dtype=np.float32)
+        if a.shape != (self.config.num_params,):
+            raise LlmpyError(f"triton engine: {what} must have shape ({self.config.num_params},)"
+                             f" for {self.config.describe()}, got {a.shape}")
+        return torch.from_numpy(a).to(self.device)
+
+    @staticmethod
+    def _flat_out(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to("cpu", torch.float32).numpy().copy()
+
+    def get_params(self) -> np.ndarray:
+        """The bf16 parameters, upcast (what a v5 model file holds)."""
+        return self._flat_out(self.params)
+
+    def set_params(self, flat) -> None:
+        """Master weights take the fp32 values exactly; bf16 parameters round to nearest."""
+        f = self._flat_in(flat, "params")
+        self.params.copy_(f)
+        if self.master is not None:
+            self.master.copy_(f)
+
+    def get_grads(self) -> np.ndarray:
+        return self._flat_out(self.grads)
+
+    def get_optimizer_state(self) -> dict:
+        return {"m": self._flat_out(self.m), "v": self._flat_out(self.v),
+                "master": None if self.master is None else self._flat_out(self.master)}
+
+    def set_optimizer_state(self, m, v, master=None) -> None:
+        """m, v and (if kept) the fp32 master weights; the bf16 parameters stay as set by
+        set_params (a checkpoint's model file holds them exactly)."""
+        self.m.copy_(self._flat_in(m, "AdamW m"))
+        self.v.copy_(self._flat_in(v, "AdamW v"))
+        if master is not None and self.master is not None:
+            self.master.copy_(self._flat_in(master, "master weights"))
+
+    def __repr__(self) -> str:
+        return (f"TritonEngine({self.config.describe()}, device={self.device}, "
+                f"recompute={self.recompute}, attention={self.attention.backend}, "
+                f"master_weights={self.master is not None})")
+

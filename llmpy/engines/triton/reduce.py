@@ -1,0 +1,148 @@
+"""Deterministic reductions: partial sums into gradients, copies with column sums (bias
+gradients), and the global gradient norm (llm.c's global_norm_squared in llmc/global_norm.cuh,
+and the bias-gradient reduction of its matmul_backward).
+
+No atomics anywhere: a reduction is split into programs that each write one fp32 partial
+sum, then a second pass adds the partials in a fixed order. Same inputs, same bits.
+
+Dimension legend: N rows, K columns, P partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_device, interpreting, pow2, to_dtype
+
+
+@triton.jit
+def _add_partials_kernel(partial_ptr, target_ptr, P, K, stride_p,
+                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < P)[:, None] & cmask[None, :]
+        tile = tl.load(partial_ptr + ps[:, None] * stride_p + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
+    t = tl.load(target_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(target_ptr + cols, to_dtype(t + acc, target_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _copy_colsum_kernel(src_ptr, src_stride, dst_ptr, dst_stride, partial_ptr, partial_stride,
+                        N, K, ROWS_PER_PROG, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for r in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = pid_r * ROWS_PER_PROG + r + tl.arange(0, BLOCK_R)
+        rmask = (rows < N) & (r + tl.arange(0, BLOCK_R) < ROWS_PER_PROG)
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(src_ptr + rows64 * src_stride + cols[None, :], mask=mask, other=0.0)
+        xr = to_dtype(x.to(tl.float32), dst_ptr.dtype.element_ty)
+        tl.store(dst_ptr + rows64 * dst_stride + cols[None, :], xr, mask=mask)
+        acc += tl.sum(xr.to(tl.float32), axis=0)
+    tl.store(partial_ptr + pid_r * partial_stride + cols, acc, mask=cmask)
+
+
+@triton.jit
+def _sumsq_partial_kernel(x_ptr, partial_ptr, n, CHUNK, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * CHUNK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = (offs < n) & (i + tl.arange(0, BLOCK) < CHUNK)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+def add_partials(partial: torch.Tensor, target: torch.Tensor) -> None:
+    """target (K,) += partial.sum(0) for partial (P, K) fp32 with unit column stride."""
+    P, K = partial.shape
+    if partial.stride(1) != 1 or partial.dtype != torch.float32:
+        raise ValueError("add_partials: partial must be fp32 with contiguous columns")
+    if target.numel() != K or not target.is_contiguous():
+        raise ValueError(f"add_partials: target must be contiguous ({K},), got {tuple(target.shape)}")
+    check_device(partial, target)
+    if interpreting():
+        BLOCK_K, BLOCK_P = pow2(K), pow2(min(P, 64))
+    else:
+        BLOCK_K, BLOCK_P = 128, 32
+    _add_partials_kernel[(triton.cdiv(K, BLOCK_K),)](partial, target, P, K, partial.stride(0),
+                                                     BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K)
+
+
+def colsum_rows_per_prog(N: int) -> int:
+    return max(1, N) if interpreting() else 256
+
+
+def copy_colsum(src: torch.Tensor, dst: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    """dst (N, K) = src (N, K) (any row stride, unit column stride) and the column sums of
+    dst per block of rows into partial (P, K) fp32 (a view with unit column stride).
+    Returns the (P, K) partial rows used."""
+    N, K = src.shape
+    if dst.shape != (N, K) or src.stride(1) != 1 or dst.stride(1) != 1:
+        raise ValueError(f"copy_colsum: src {tuple(src.shape)} and dst {tuple(dst.shape)} must "
+                         f"match, with unit column stride")
+    check_device(src, dst, partial)
+    rows_per_prog = colsum_rows_per_prog(N)
+    P = triton.cdiv(N, rows_per_prog)
+    if partial.shape[0] < P or partial.shape[1] != K or partial.stride(1) != 1:
+        raise ValueError(f"copy_colsum: partial must be at least ({P}, {K}) with unit column "
+                         f"stride, got {tuple(partial.shape)}")
+    if interpreting():
+        BLOCK_R, BLOCK_K = pow2(min(N, 16384 // pow2(K))), pow2(K)
+    else:
+        BLOCK_R, BLOCK_K = 16, 128
+    grid = (P, triton.cdiv(K, BLOCK_K))
+    _copy_colsum_kernel[grid](src, src.stride(0), dst, dst.stride(0), partial,
+                              partial.stride(0), N, K, rows_per_prog, BLOCK_R=BLOCK_R,
+                              BLOCK_K=BLOCK_K)
+    return partial[:P]
+
+
+NORM_PROGRAMS = 1024
+
+
+def sum_of_squares(x: torch.Tensor, partial: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(x**2) over a flat contiguous tensor, in fp32, as a 1-element fp32 tensor:
+    NORM_PROGRAMS partial sums, then one program adds them in order."""
+    if not x.is_contiguous():
+        raise ValueError("sum_of_squares: x must be contiguous")
+    check_device(x)
+    n = x.numel()
+    programs = 4 if interpreting() else NORM_PROGRAMS
+    BLOCK = 16384 if interpreting() else 2048
+    chunk = triton.cdiv(triton.cdiv(n, programs), BLOCK) * BLOCK
+    if partial is None or partial.numel() < programs + 1:
+        partial = torch.empty(programs + 1, dtype=torch.float32, device=x.device)
+    _sumsq_partial_kernel[(programs,)](x, partial, n, chunk, BLOCK=BLOCK, num_warps=8)
+    out = partial[programs:programs + 1]
+    _sum_kernel[(1,)](partial, out, programs, BLOCK=pow2(programs))
+    return out
+
+
+def total(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (1,) fp32 = sum of the small contiguous fp32 vector x, by one program, in order."""
+    if not x.is_contiguous() or x.dtype != torch.float32 or out.numel() != 1:
+        raise ValueError("total: x must be contiguous fp32 and out one element")
+    check_device(x, out)
+    _sum_kernel[(1,)](x, out, x.numel(), BLOCK=1024)
+    return out

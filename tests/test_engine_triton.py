@@ -1,0 +1,284 @@
+"""The triton engine against the torch engine (the oracle) and the golden fixture.
+
+Without CUDA the whole engine runs on the CPU: its kernels in Triton's interpreter
+(TRITON_INTERPRET=1, set here before triton is imported) and attention in torch's CPU flash
+kernel, on tiny shapes. With CUDA the same tests run on the GPU, and the `gpu` tests add
+what needs real sizes: 20 training steps tracking the torch engine, and kill-and-resume
+through the training loop.
+
+Tolerances: the engine keeps bf16 parameters, activations and gradients, so it is compared
+with the fp32 torch engine at bf16 precision (a few 1e-3 relative, bounded at 3e-2 like
+tests/test_golden.py's BF16_TOL); what must not depend on precision (recompute, resume,
+determinism) is compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from llmpy.config import ModelConfig  # noqa: E402
+from llmpy.engines.torch import TorchEngine  # noqa: E402
+from llmpy.engines.triton import TritonEngine  # noqa: E402
+from llmpy.errors import LlmpyError  # noqa: E402
+
+from test_golden import BF16_TOL, check_golden  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+# Odd sizes: C=48 with HS=12, V=101 pads to Vp=128, B=3, T=7.
+SMALL = ModelConfig(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=4, channels=48)
+B, T = 3, 7
+BF16 = 3e-2  # bf16 engine vs fp32 reference, relative to the largest reference value
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def batch(seed=0, b=B, t=T, V=SMALL.vocab_size):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, V, size=(b, t)), rng.integers(0, V, size=(b, t))
+
+
+def engine(config=SMALL, **kw):
+    return TritonEngine(config, device=DEV, verbose=False, **kw)
+
+
+def oracle(e):
+    r = TorchEngine(e.config, device="cpu", dtype="fp32")
+    r.set_params(e.get_params())  # the same (bf16-valued) weights
+    return r
+
+
+def test_golden_fixture_bf16():
+    errors = check_golden(lambda config: engine(config), **BF16_TOL)
+    assert errors["losses"] < 1e-3
+
+
+def test_forward_backward_match_torch():
+    e = engine()
+    r = oracle(e)
+    x, y = batch()
+    loss = e.forward(x, y)
+    assert abs(loss - r.forward(x, y)) < 5e-3
+    e.backward()
+    r.backward()
+    ge, gr = e.get_grads(), r.get_grads()
+    for name, (a, b) in SMALL.param_offsets().items():
+        assert rel(ge[a:b], gr[a:b]) < BF16, name
+    assert abs(e.grad_norm() - r.grad_norm()) < BF16 * r.grad_norm()
+    wte = ge[:SMALL.padded_vocab_size * SMALL.channels].reshape(SMALL.padded_vocab_size, -1)
+    assert not wte[SMALL.vocab_size:].any(), "padded wte rows must get zero gradient"
+    assert rel(e.logits(x), r.logits(x)) < BF16
+    assert e.logits(x).shape == (B, T, SMALL.vocab_size)
+    lg = r.logits(x).astype(np.float64)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    ref = lse - np.take_along_axis(lg, y[..., None], -1)[..., 0]
+    tl = e.token_losses(x, y)
+    assert tl.shape == (B, T) and tl.dtype == np.float32
+    assert np.abs(tl - ref).max() < 2e-2
+    assert math.isnan(e.forward(x))
+
+
+def test_gradient_accumulation_and_zero_grad():
+    x, y = batch(b=4)
+    full = engine()
+    full.forward(x, y)
+    full.backward()
+    acc = engine()
+    for half in (slice(0, 2), slice(2, 4)):
+        acc.forward(x[half], y[half])   # also reallocates buffers for the other B
+        acc.backward(grad_scale=0.5)
+    assert rel(acc.get_grads(), full.get_grads()) < BF16
+    acc.zero_grad()
+    assert not acc.get_grads().any() and acc.grad_norm() == 0.0
+    with pytest.raises(RuntimeError):
+        acc.backward()  # its forward was already consumed
+
+
+def test_recompute_levels_are_bit_identical():
+    """-r 0/1/2 recompute the same kernels on the same inputs: same bits."""
+    x, y = batch(1)
+    grads, losses = [], []
+    for r in (0, 1, 2):
+        e = engine(recompute=r)
+        losses.append(e.forward(x, y))
+        e.backward()
+        grads.append(e.get_grads())
+    assert losses[0] == losses[1] == losses[2]
+    assert np.array_equal(grads[0], grads[1]) and np.array_equal(grads[0], grads[2])
+
+
+def test_adamw_steps_track_torch_and_master_weights():
+    x, y = batch(2)
+    e, e_nomaster = engine(), engine(master_weights=False)
+    r = oracle(e)
+    le, ln, lr_ = [], [], []
+    for k in range(4):
+        for eng, out in ((e, le), (e_nomaster, ln), (r, lr_)):
+            eng.zero_grad()
+            out.append(eng.forward(x, y))
+            eng.backward()
+            norm = eng.grad_norm()
+            eng.step(3e-3, k + 1, weight_decay=0.1, grad_scale=min(1.0, 1.0 / norm))
+    assert np.abs(np.array(le) - lr_).max() < 1e-2, (le, lr_)
+    assert np.abs(np.array(ln) - lr_).max() < 1e-2, (ln, lr_)
+    st = e.get_optimizer_state()
+    assert st["master"] is not None and e_nomaster.get_optimizer_state()["master"] is None
+    # bf16 params are the master weights rounded (stochastically): within one bf16 step
+    p, mw = e.get_params(), st["master"]
+    assert np.all(np.abs(p - mw) <= np.abs(mw) * 2 ** -7 + 1e-30)
+    assert rel(e.get_params(), r.get_params()) < BF16
+
+
+def test_state_round_trip_continues_bit_exactly():
+    """get/set params and optimizer state mid-run: the continuation is bit-identical
+    (the stochastic rounding depends on the seed and step only)."""
+    x, y = batch(3)
+
+    def run(eng, steps, start=0):
+        out = []
+        for k in range(start, start + steps):
+            eng.zero_grad()
+            out.append(eng.forward(x, y))
+            eng.backward()
+            eng.step(1e-3, k + 1, grad_scale=1.0)
+        return out
+    a = engine()
+    run(a, 2)
+    params, state = a.get_params(), a.get_optimizer_state()
+    tail_a = run(a, 2, start=2)
+    b = engine(seed=1337)
+    b.set_params(params)
+    b.set_optimizer_state(state["m"], state["v"], state["master"])
+    assert run(b, 2, start=2) == tail_a
+    assert np.array_equal(a.get_params(), b.get_params())
+
+
+def test_kv_cache_decode_matches_full_logits():
+    e = engine()
+    x, _ = batch(4, b=2, t=9)
+    full = e.logits(x)                                   # (2, 9, V)
+    first = e.prefill(x[:, :5])
+    assert rel(first, full[:, 4]) < BF16
+    for t in range(5, 9):
+        assert rel(e.decode(x[:, t]), full[:, t]) < BF16
+
+
+def test_bad_input_raises_llmpy_error():
+    e = engine()
+    with pytest.raises(LlmpyError, match="outside"):
+        e.forward(np.full((1, 3), 101), np.zeros((1, 3), dtype=int))
+    with pytest.raises(LlmpyError, match="maxT"):
+        e.forward(np.zeros((1, 17), dtype=int), np.zeros((1, 17), dtype=int))
+    with pytest.raises(LlmpyError, match="shape"):
+        e.set_params(np.zeros(5, dtype=np.float32))
+    with pytest.raises(LlmpyError, match="recompute"):
+        engine(recompute=3)
+
+
+def test_memory_report_lists_groups():
+    e = engine()
+    text = e.memory_report(4, 8)
+    for group in ("params", "grads", "master", "AdamW", "activations"):
+        assert group in text
+    assert 1.5 < e.activation_bytes(8, 8) / e.activation_bytes(4, 8) <= 2
+
+
+# ----------------------------------------------------------------------------------------
+# GPU only: real sizes
+
+def _stream(V, n, seed=0):
+    """A learnable token stream: a repeating random phrase with 5% noise."""
+    rng = np.random.default_rng(seed)
+    toks = np.tile(rng.integers(0, V, size=97), n // 97 + 1)[:n]
+    noise = rng.random(n) < 0.05
+    toks[noise] = rng.integers(0, V, size=noise.sum())
+    return toks
+
+
+@pytest.mark.gpu
+def test_20_steps_track_torch_engine_bf16():
+    """Same init, same data: the triton engine's losses stay within 0.02 of the torch
+    engine's (bf16 autocast) for 20 AdamW steps."""
+    cfg = ModelConfig(max_seq_len=256, vocab_size=50257, num_layers=4, num_heads=4, channels=256)
+    Bg, Tg = 8, 256
+    toks = _stream(cfg.vocab_size, 20 * Bg * Tg + 1)
+    e = TritonEngine(cfg, device="cuda", verbose=False)
+    r = TorchEngine(cfg, device="cuda", dtype="bf16")
+    r.set_params(e.get_params())
+    for eng in (e, r):
+        eng.losses = []
+        for k in range(20):
+            chunk = toks[k * Bg * Tg:(k + 1) * Bg * Tg + 1]
+            x, y = chunk[:-1].reshape(Bg, Tg), chunk[1:].reshape(Bg, Tg)
+            eng.zero_grad()
+            eng.losses.append(eng.forward(x, y))
+            eng.backward()
+            norm = eng.grad_norm()
+            eng.step(1e-3, k + 1, weight_decay=0.1, grad_scale=min(1.0, 1.0 / norm))
+    diff = np.abs(np.array(e.losses) - np.array(r.losses))
+    assert e.losses[-1] < e.losses[0] - 1.0, "the model must learn the phrase"
+    assert diff.max() < 0.02, f"max |triton - torch| loss {diff.max():.4f}: {diff.round(4)}"
+
+
+@pytest.mark.gpu
+def test_kill_and_resume_on_gpu_is_bit_exact(tmp_path):
+    """`llmpy train --engine triton --device cuda`, SIGKILLed after its step-k checkpoint and
+    relaunched, logs the same losses and writes the same model and state as a run that was
+    never interrupted."""
+    from llmpy import checkpoint as ckpt
+    from llmpy.formats import write_shard
+    d = tmp_path / "data"
+    d.mkdir()
+    toks = _stream(512, 24000)
+    write_shard(d / "train_000001.bin", toks[:12000])
+    write_shard(d / "train_000002.bin", toks[12000:])
+    write_shard(d / "val_000000.bin", _stream(512, 3000, seed=1))
+    k = 4
+
+    def args(out):
+        return ["-i", str(d / "train_*.bin"), "-j", str(d / "val_*.bin"),
+                "-e", "L=2,C=64,NH=4,T=64,V=512", "-b", "4", "-t", "32", "-d", "256", "-x",
+                str(2 * k), "-l", "3e-3", "-u", "2", "-v", "4", "-m", "2", "-s", "0",
+                "-n", str(k), "-y", "1", "-o", str(out), "--engine", "triton",
+                "--device", "cuda"]
+
+    def run(a, kill=None):
+        env = {**os.environ, **({"LLMPY_TEST_KILL": kill} if kill else {})}
+        return subprocess.run([sys.executable, "-m", "llmpy", "train", *a], capture_output=True,
+                              text=True, env=env, timeout=600)
+    ra = run(args(tmp_path / "a"))
+    assert ra.returncode == 0, ra.stderr
+    rb = run(args(tmp_path / "b"), kill=f"after_checkpoint:{k}")
+    assert rb.returncode == -9, rb.stderr
+    rb2 = run(args(tmp_path / "b"))
+    assert rb2.returncode == 0, rb2.stderr
+    import json
+
+    def losses(out):
+        got = {}
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "train_loss" in rec:
+                got[rec["step"]] = rec["train_loss"]
+        return got
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [la[s] for s in range(2 * k)] == [lb[s] for s in range(2 * k)]
+    for name in (f"model_{2 * k:08d}.bin",):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    sa, sb = (ckpt.load(tmp_path / r, 2 * k)["state"] for r in ("a", "b"))
+    for key in ("m", "v", "master"):
+        assert np.array_equal(sa[key], sb[key]), key
