@@ -14,9 +14,14 @@ before anything is timed: its first loss at init must be finite and near ln(V), 
 engine must agree with the first one on it within bf16 tolerance. Then `--warmup` untimed
 and `--steps` timed full optimizer steps: zero_grad, forward/backward over the micro-batches
 of one total batch, grad norm, AdamW with clipping to 1.0 folded in, synchronize. Data are
-random tokens (the same for every engine). Reports the median ms/step, tokens/s, model
-TFLOP/s (6N + 6LTC flops per token, nanoGPT's estimate) against --peak-tflops, peak memory
+random tokens (the same for every engine, handed over as NumPy arrays, the engine
+interface's input). Reports the median ms/step, tokens/s, model TFLOP/s (6N + 6LTC flops per
+token, nanoGPT's estimate) against --peak-tflops, peak memory
 (torch.cuda.max_memory_allocated) and the ratio of tokens/s to the first engine.
+
+--profile K profiles K more steps of each engine with torch.profiler and splits the GPU
+time per step into matmuls, attention, optimizer and other kernels (plus the idle gap to
+the wall time), then lists the largest kernels.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=1337, help="init and data seed (1337)")
     ap.add_argument("--peak-tflops", type=float, default=790.0,
                     help="bf16 matmul ceiling for the utilization column (790: H200, measured)")
+    ap.add_argument("--recompute", type=int, default=1, help="triton engine -r: 0, 1, 2 (1)")
+    ap.add_argument("--attention", default="auto",
+                    help="triton engine attention: auto|cudnn|flash (auto)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="profile this many extra steps per engine: time per kernel class (0)")
     return ap.parse_args(argv)
 
 
@@ -70,7 +80,61 @@ def engine_options(name: str, args) -> dict:
         cuda = args.device.startswith("cuda")
         opts["dtype"] = args.dtype or ("bf16" if cuda else "fp32")
         opts["compile"] = cuda if args.compile is None else args.compile
+    if name == "triton":
+        opts.update(recompute=args.recompute, attention=args.attention)
     return opts
+
+
+# kernel name fragments -> class, first match wins (cuBLAS: nvjet/xmma/gemm/cutlass;
+# attention: flash/fmha/cudnn sdpa; optimizer: ours, torch's fused AdamW)
+KERNEL_CLASSES = [
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("optimizer", ("adamw", "adam", "multi_tensor")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "splitk", "s16816",
+                "s1688", "wgmma")),
+]
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile_engine(engine, batches, step0: int, args, sync, torch) -> str:
+    """Profile args.profile steps; return a table of GPU ms per step by kernel class."""
+    from torch.profiler import ProfilerActivity, profile
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for step in range(step0, step0 + args.profile):
+            train_step(engine, batches, step, args)
+        sync()
+        wall = (time.perf_counter() - t0) / args.profile * 1e3
+    per_class, per_kernel = {}, {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0.0)
+        if t <= 0:
+            continue
+        ms = t / 1e3 / args.profile
+        cls = kernel_class(evt.key)
+        per_class[cls] = per_class.get(cls, 0.0) + ms
+        per_kernel[evt.key] = (per_kernel.get(evt.key, (0.0, 0))[0] + ms, evt.count)
+    busy = sum(per_class.values())
+    lines = [f"  {'class':10s} {'ms/step':>9s} {'share':>6s}"]
+    for cls in ("matmul", "attention", "other", "optimizer"):
+        ms = per_class.get(cls, 0.0)
+        lines.append(f"  {cls:10s} {ms:9.1f} {100 * ms / wall:5.1f}%")
+    lines.append(f"  {'idle':10s} {max(0.0, wall - busy):9.1f} {100 * max(0.0, wall - busy) / wall:5.1f}%"
+                 f"   (wall {wall:.1f} ms/step under the profiler)")
+    lines.append("  largest kernels (ms/step, calls over the profiled steps):")
+    for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:14]:
+        lines.append(f"    {ms:8.2f} {n:6d}  [{kernel_class(name)}] {name[:90]}")
+    return "\n".join(lines)
 
 
 def train_step(engine, batches, step: int, args) -> float:
@@ -108,12 +172,16 @@ def run_engine(name: str, config, batches, args, sync, torch) -> dict:
     if not math.isfinite(loss):
         raise SystemExit(f"{name}: loss became {loss} during timing")
     peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    breakdown = None
+    if args.profile and cuda:
+        breakdown = profile_engine(engine, batches, args.warmup + args.steps, args, sync, torch)
     del engine
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return {"engine": name, "first_loss": first_loss, "last_loss": loss,
-            "ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "peak": peak}
+            "ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "peak": peak,
+            "breakdown": breakdown}
 
 
 def main(argv=None) -> int:
@@ -149,8 +217,7 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(0, config.vocab_size, size=(accum, B, T + 1), dtype=np.int64)
-    batches = [(torch.from_numpy(t[:, :-1]).to(args.device), torch.from_numpy(t[:, 1:]).to(args.device))
-               for t in tokens]
+    batches = [(np.ascontiguousarray(t[:, :-1]), np.ascontiguousarray(t[:, 1:])) for t in tokens]
     print(f"{config.describe()}\nB={B} T={T} total batch {args.total_batch} tokens "
           f"({accum} micro-steps), {args.warmup} warmup + {args.steps} timed steps, "
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})"
@@ -164,6 +231,9 @@ def main(argv=None) -> int:
                              f"{results[0]['engine']}'s {results[0]['first_loss']:.4f} "
                              f"(tolerance {AGREE_TOL}): not comparing timings")
         results.append(r)
+        print(f"{name}: {r['ms']:.1f} ms/step (min {r['min_ms']:.1f}), peak "
+              f"{r['peak'] / 1e9:.2f} GB, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
+              flush=True)
 
     flops_per_token = 6 * config.num_params + 6 * config.num_layers * T * config.channels
     print(f"\n{'engine':8s} {'first loss':>10s} {'ms/step':>9s} {'min ms':>8s} {'tokens/s':>11s} "
@@ -175,6 +245,10 @@ def main(argv=None) -> int:
         print(f"{r['engine']:8s} {r['first_loss']:10.4f} {r['ms']:9.1f} {r['min_ms']:8.1f} "
               f"{tps:11,.0f} {tflops:8.1f} {100 * tflops / args.peak_tflops:5.1f}% "
               f"{r['peak'] / 1e9:8.2f} {tps / base:6.3f}")
+    for r in results:
+        if r["breakdown"]:
+            print(f"\n{r['engine']}: GPU time per step by kernel class (torch.profiler)\n"
+                  f"{r['breakdown']}")
     return 0
 
 
