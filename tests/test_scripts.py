@@ -70,7 +70,9 @@ def printed_train_command(stdout: str) -> list[str]:
     line = [ln for ln in stdout.splitlines() if ln.split(" ", 1)[0] in LAUNCHERS][-1]
     words = shlex.split(line)
     if words[0] == "srun":                       # bash -c "python -m llmpy train ... -pr $X"
-        words = shlex.split(words[-1].replace("$SLURM_PROCID", "0"))
+        task = words[-1].replace("$SLURM_PROCID", "0").replace("$SLURM_JOB_ID.$SLURM_STEP_ID",
+                                                                "7.0")
+        words = shlex.split(task)
     return words[words.index("train") + 1:]
 
 
@@ -144,7 +146,7 @@ def test_slurm_dry_run_checks_every_rank(tmp_path):
     assert r.returncode == 0, r.stderr
     rc, _ = parse_args(printed_train_command(r.stdout))
     assert (rc.num_processes, rc.gpus_per_node, rc.init_method) == (4, 2, "fs")
-    assert rc.fs_path and "-pr $SLURM_PROCID" in r.stdout
+    assert rc.fs_path.endswith("/rendezvous/step_7.0") and "-pr $SLURM_PROCID" in r.stdout
     # 16 tasks of B=32 fill 524,288 tokens; 3 tasks cannot
     r = run_script(SCRIPTS / "multi_node" / "slurm_tcp.sbatch", tmp_path, DRY_RUN="1",
                    SLURM_NTASKS="3", SLURM_NTASKS_PER_NODE="3")
@@ -229,3 +231,26 @@ def test_resume_loop_resumes_after_a_crash(shards, tmp_path):
     run = parse_log(out)
     assert [s for s, _ in run.train] == list(range(8))
     assert [s for s, _ in run.val] == [0, 4, 8]
+
+
+def test_resume_loop_with_torchrun_two_processes(shards, tmp_path):
+    """The same through torchrun (NGPU=2, gloo on the CPU): both ranks are killed after the
+    step-4 checkpoint, torchrun fails, the loop restarts it and the ranks resume."""
+    pytest.importorskip("torch")
+    import shutil
+    if not shutil.which("torchrun"):
+        pytest.skip("torchrun not on PATH")
+    out = tmp_path / "run"
+    flags = ["-i", str(shards / "tiny_train_*.bin"), "-j", str(shards / "tiny_val_*.bin"),
+             "-o", str(out), "-e", "L=2,C=32,NH=2,T=32,V=512", "-b", "2", "-t", "16",
+             "-d", "64", "-x", "8", "-l", "3e-3", "-v", "4", "-m", "2", "-s", "0",
+             "-n", "4", "-y", "1", "--engine", "torch", "--device", "cpu"]
+    r = bash_with_common(f"train_until_done {shlex.join(flags)}", tmp_path, NGPU="2",
+                         CPU_OK="1", LLMPY_TEST_KILL="after_checkpoint:4")
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert "torchrun --standalone --nproc_per_node=2 -m llmpy train" in r.stdout
+    assert "run 2/20" in r.stdout and "run 3/" not in r.stdout
+    assert (out / "DONE_00000008").exists()
+    assert (out / "state_00000008_00001.bin").exists()          # rank 1's state
+    from llmpy.plot import parse_log
+    assert [s for s, _ in parse_log(out).train] == list(range(8))
