@@ -33,6 +33,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import tempfile
 from collections import deque
 from itertools import islice
@@ -190,6 +191,13 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the pool, the
+    # workers need not each print a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    get_tokenizer()
+
+
 class WorkerPool:
     """`map` in input order over a process pool with a bounded number of tasks in flight.
 
@@ -204,7 +212,7 @@ class WorkerPool:
             get_tokenizer()
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = ctx.Pool(self.workers, initializer=get_tokenizer)
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker)
 
     def map(self, fn: Callable, items: Iterable, max_pending: int | None = None) -> Iterator:
         if self.pool is None:
