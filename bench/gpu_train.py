@@ -50,7 +50,9 @@ INIT_TOL = 1.0
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engines", default="torch", help="comma-separated: torch[,triton] (torch)")
+    ap.add_argument("--engines", default="torch",
+                    help="comma-separated: torch[,triton] (torch); triton:r0 / triton:flash "
+                         "override --recompute / --attention for that entry")
     ap.add_argument("--model", default="d12", help="descriptor: d12, gpt3:c768, L=..,C=..,NH=.. (d12)")
     ap.add_argument("-b", dest="batch", type=int, default=64, help="micro-batch size B (64)")
     ap.add_argument("-t", dest="seq_len", type=int, default=1024, help="sequence length T (1024)")
@@ -74,7 +76,8 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def engine_options(name: str, args) -> dict:
+def engine_options(spec: str, args) -> dict:
+    name, _, variant = spec.partition(":")
     opts = {"seed": args.seed, "device": args.device}
     if name == "torch":
         cuda = args.device.startswith("cuda")
@@ -82,6 +85,11 @@ def engine_options(name: str, args) -> dict:
         opts["compile"] = cuda if args.compile is None else args.compile
     if name == "triton":
         opts.update(recompute=args.recompute, attention=args.attention)
+        for v in filter(None, variant.split(":")):
+            if v in ("r0", "r1", "r2"):
+                opts["recompute"] = int(v[1])
+            else:
+                opts["attention"] = v
     return opts
 
 
@@ -154,7 +162,7 @@ def run_engine(name: str, config, batches, args, sync, torch) -> dict:
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    engine = make_engine(name, config, **engine_options(name, args))
+    engine = make_engine(name.partition(":")[0], config, **engine_options(name, args))
     first_loss = engine.forward(*batches[0])
     lnV = math.log(config.vocab_size)
     if not math.isfinite(first_loss) or abs(first_loss - lnV) > INIT_TOL:
@@ -236,13 +244,13 @@ def main(argv=None) -> int:
               flush=True)
 
     flops_per_token = 6 * config.num_params + 6 * config.num_layers * T * config.channels
-    print(f"\n{'engine':8s} {'first loss':>10s} {'ms/step':>9s} {'min ms':>8s} {'tokens/s':>11s} "
+    print(f"\n{'engine':12s} {'first loss':>10s} {'ms/step':>9s} {'min ms':>8s} {'tokens/s':>11s} "
           f"{'TFLOP/s':>8s} {'util':>6s} {'peak GB':>8s} {'ratio':>6s}")
     base = args.total_batch / results[0]["ms"] * 1e3
     for r in results:
         tps = args.total_batch / r["ms"] * 1e3
         tflops = tps * flops_per_token / 1e12
-        print(f"{r['engine']:8s} {r['first_loss']:10.4f} {r['ms']:9.1f} {r['min_ms']:8.1f} "
+        print(f"{r['engine']:12s} {r['first_loss']:10.4f} {r['ms']:9.1f} {r['min_ms']:8.1f} "
               f"{tps:11,.0f} {tflops:8.1f} {100 * tflops / args.peak_tflops:5.1f}% "
               f"{r['peak'] / 1e9:8.2f} {tps / base:6.3f}")
     for r in results:

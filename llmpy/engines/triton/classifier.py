@@ -18,6 +18,9 @@ import triton.language as tl
 
 from .common import check_device, interpreting, pow2, to_dtype
 
+# GPU launch configuration (bench/triton_kernels.py sweeps it)
+GPU = dict(BLOCK_V=4096, num_warps=8)
+
 
 @triton.jit
 def _classifier_kernel(logits_ptr, targets_ptr, losses_ptr, N, V, Vp, stride, dloss,
@@ -67,7 +70,7 @@ def fused_classifier(logits: torch.Tensor, targets: torch.Tensor, losses: torch.
     if interpreting():
         BLOCK_R, BLOCK_V, num_warps = pow2(min(N, 64)), pow2(min(Vp, 2048)), 1
     else:
-        BLOCK_R, BLOCK_V, num_warps = 1, 4096, 8
+        BLOCK_R, BLOCK_V, num_warps = 1, GPU["BLOCK_V"], GPU["num_warps"]
     write = dloss is not None
     _classifier_kernel[(triton.cdiv(N, BLOCK_R),)](
         logits, targets, losses, N, V, Vp, logits.stride(0), dloss if write else 0.0,

@@ -22,6 +22,10 @@ from .common import check_device, interpreting, pow2, to_dtype
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBE = 0.044715
+# GPU launch configurations (bench/triton_kernels.py sweeps them). ROWS (rows per program)
+# and BLOCK_R fix the order of the bias-gradient sums, so changing them changes bits.
+GPU = {"forward": dict(BLOCK=2048, num_warps=8),
+       "backward": dict(ROWS=256, BLOCK_R=16, BLOCK_C=256, num_warps=4)}
 
 
 @triton.jit
@@ -72,13 +76,13 @@ def gelu_forward(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
                          f"contiguous and the same shape")
     check_device(x, out)
     n = x.numel()
-    BLOCK = pow2(n) if interpreting() else 2048
-    _gelu_forward_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, BLOCK=BLOCK, num_warps=8)
+    cfg = dict(BLOCK=pow2(n), num_warps=1) if interpreting() else GPU["forward"]
+    _gelu_forward_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](x, out, n, **cfg)
     return out
 
 
 def gelu_backward_rows_per_prog(N: int) -> int:
-    return max(1, N) if interpreting() else 256
+    return max(1, N) if interpreting() else GPU["backward"]["ROWS"]
 
 
 def gelu_backward(dout: torch.Tensor, x: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
@@ -95,10 +99,11 @@ def gelu_backward(dout: torch.Tensor, x: torch.Tensor, partial: torch.Tensor) ->
         raise ValueError(f"gelu_backward: partial needs {P}x{OC} fp32")
     partial = partial.view(-1)[:P * OC].view(P, OC)
     if interpreting():
-        BLOCK_R, BLOCK_C = pow2(min(N, 16384 // pow2(OC))), pow2(OC)
+        BLOCK_R, BLOCK_C, num_warps = pow2(min(N, 16384 // pow2(OC))), pow2(OC), 1
     else:
-        BLOCK_R, BLOCK_C = 16, 256
+        c = GPU["backward"]
+        BLOCK_R, BLOCK_C, num_warps = c["BLOCK_R"], c["BLOCK_C"], c["num_warps"]
     grid = (P, triton.cdiv(OC, BLOCK_C))
     _gelu_backward_kernel[grid](dout, x, partial, N, OC, rows_per_prog, BLOCK_R=BLOCK_R,
-                                BLOCK_C=BLOCK_C, num_warps=4)
+                                BLOCK_C=BLOCK_C, num_warps=num_warps)
     return partial

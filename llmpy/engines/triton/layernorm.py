@@ -25,6 +25,9 @@ import triton.language as tl
 from .common import check_device, interpreting, row_tile, to_dtype
 
 LN_EPS = 1e-5
+# GPU launch configurations (bench/triton_kernels.py sweeps them); num_warps 0 picks by C.
+# The backward's ROWS and BLOCK_R fix the order of the dw/db sums.
+GPU = {"forward": dict(BLOCK_R=1, num_warps=0), "backward": dict(ROWS=64, BLOCK_R=2, num_warps=0)}
 
 
 @triton.jit
@@ -115,7 +118,8 @@ def layernorm_forward(x, w, b, out, mean, rstd, delta=None, xsum=None):
     if mean.numel() != N or rstd.numel() != N:
         raise ValueError(f"layernorm: mean/rstd must hold {N} rows")
     check_device(x, out)
-    BLOCK_R, BLOCK_C, num_warps = row_tile(C)
+    BLOCK_R, BLOCK_C, num_warps = row_tile(C, GPU["forward"]["BLOCK_R"])
+    num_warps = (GPU["forward"]["num_warps"] or num_warps) if not interpreting() else num_warps
     grid = (triton.cdiv(N, BLOCK_R),)
     _layernorm_forward_kernel[grid](x, delta if fused else x, xsum if fused else x, out, w, b,
                                     mean, rstd, N, C, LN_EPS, FUSED=fused, BLOCK_R=BLOCK_R,
@@ -124,7 +128,7 @@ def layernorm_forward(x, w, b, out, mean, rstd, delta=None, xsum=None):
 
 
 def layernorm_backward_rows_per_prog(N: int) -> int:
-    return max(1, N) if interpreting() else 64
+    return max(1, N) if interpreting() else GPU["backward"]["ROWS"]
 
 
 def layernorm_backward(dout, x, w, mean, rstd, dres, partial, accumulate=True):
@@ -142,7 +146,8 @@ def layernorm_backward(dout, x, w, mean, rstd, dres, partial, accumulate=True):
     if partial.numel() < P * 3 * C or partial.dtype != torch.float32:
         raise ValueError(f"layernorm backward: partial needs {P}x3x{C} fp32")
     partial = partial.view(-1)[:P * 3 * C].view(P, 3, C)
-    BLOCK_R, BLOCK_C, num_warps = row_tile(C, gpu_rows=2)
+    BLOCK_R, BLOCK_C, num_warps = row_tile(C, GPU["backward"]["BLOCK_R"])
+    num_warps = (GPU["backward"]["num_warps"] or num_warps) if not interpreting() else num_warps
     _layernorm_backward_kernel[(P,)](dout, x, w, mean, rstd, dres, partial, N, C,
                                      rows_per_prog, ACCUM=accumulate, BLOCK_R=BLOCK_R,
                                      BLOCK_C=BLOCK_C, num_warps=num_warps)

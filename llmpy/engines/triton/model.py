@@ -131,12 +131,17 @@ class Activations:
         self.dqkv = buf(N, 3 * C)                        # (N, 3C)
         P = max(3 * C * -(-N // layernorm_backward_rows_per_prog(N)),
                 4 * C * -(-N // gelu_backward_rows_per_prog(N)),
-                3 * C * att.pack_heads_partials(N))
+                3 * C * att.pack_heads_partials(B, T))
         self.partial = buf(P, dtype=f32)                 # per-block partial sums
         self.sumsq = buf(2048, dtype=f32)
-        self.inputs = torch.empty(B, T, dtype=torch.int32, device=device)
-        self.targets = torch.empty(N, dtype=torch.int32, device=device)
-        self.plan = None                                 # encoder backward plan (device)
+        # token ids, targets and the encoder backward's plan (at most 5N + 1 entries), copied
+        # to the device in one transfer from a pinned host buffer
+        self.host = torch.empty(7 * N + 1, dtype=torch.int32,
+                                pin_memory=torch.device(device).type == "cuda")
+        self.ids = buf(7 * N + 1, dtype=torch.int32)
+        self.inputs = self.ids[:N].view(B, T)            # (B, T)
+        self.targets = self.ids[N:2 * N]                 # (N,)
+        self.plan = None                                 # view of ids
         self.plan_counts = None
 
     def nbytes(self) -> int:
@@ -186,11 +191,17 @@ class TritonEngine:
         self._reported = False
 
     def _pick_attention(self, attention: str) -> str:
-        avail = att.available_backends(self.device)
+        HS = self.config.head_size
+        avail = att.available_backends(self.device, HS)
         if attention == "auto":
             for backend in avail:
-                if backend == "cpu" or att.self_check(backend, self.device) is None:
+                if backend in ("cpu", "math"):
                     return backend
+                why = att.self_check(backend, self.device, HS=HS)
+                if why is None:
+                    return backend
+                if self.verbose:
+                    print(f"triton engine: attention backend {backend} skipped: {why}")
             raise LlmpyError("triton engine: no attention backend passed its check on this GPU")
         if attention not in avail:
             raise LlmpyError(f"triton engine: attention {attention!r} not available here; "
@@ -272,13 +283,19 @@ class TritonEngine:
             raise LlmpyError(f"triton engine: targets shape {y.shape} != inputs shape {x.shape}")
         cfg = self.config
         B, T = x.shape
+        # host work first, while the GPU may still run the last backward: the plan of the
+        # encoder backward, then one asynchronous copy of ids, targets and plan
+        plan, counts = bucket_plan(x)
         a = self._ensure_acts(B, T)
         N, C, L, NH = a.N, cfg.channels, cfg.num_layers, cfg.num_heads
         p = self.p
-        a.inputs.copy_(torch.from_numpy(x.astype(np.int32)))
-        a.targets.copy_(torch.from_numpy(y.reshape(-1).astype(np.int32)))
-        plan, a.plan_counts = bucket_plan(x)
-        a.plan = self._to_device(plan)
+        n_ids = 2 * N + plan.size
+        host = a.host.numpy()
+        host[:N] = x.reshape(-1)
+        host[N:2 * N] = y.reshape(-1)
+        host[2 * N:n_ids] = plan
+        a.ids[:n_ids].copy_(a.host[:n_ids], non_blocking=True)
+        a.plan, a.plan_counts = a.ids[2 * N:n_ids], counts
         a.atty = [None] * L
         a.att_saved = [None] * L
         lnl = (lambda l: 0) if self.recompute >= 2 else (lambda l: l)
@@ -360,7 +377,7 @@ class TritonEngine:
             torch.mm(dres, p["attprojw"][l], out=dbtc)                     # (N, C)
             part = self.attention.backward(dbtc.view(B, T, C), a.qkv[l].view(B, T, 3 * C),
                                            a.att_saved[l], NH, a.dqkv,
-                                           a.partial[:3 * C * att.pack_heads_partials(N)]
+                                           a.partial[:3 * C * att.pack_heads_partials(B, T)]
                                            .view(-1, 3 * C))
             add_partials(part, g["qkvb"][l])
             a.atty[l] = a.att_saved[l] = None
