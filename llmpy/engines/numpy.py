@@ -81,7 +81,8 @@ class NumpyEngine:
         self._logits_buf = None       # (B*T, Vp), reused: the largest activation
         self._kv = None               # KV cache: list of L (K, V) pairs (B, NH, maxT, HS)
         self._pos = 0                 # next position to decode
-        self._pool = None             # threads for AdamW
+        self._pool = None             # threads for AdamW (one per core, up to 8)
+        self._workers = 1
         self._chunks = None           # AdamW work list: (start, end, decayed)
 
     # ------------------------------------------------------------------------------------------
@@ -239,8 +240,8 @@ class NumpyEngine:
             for name, (a, b) in self.config.param_offsets().items():
                 for s in range(a, b, ADAMW_CHUNK):
                     self._chunks.append((s, min(s + ADAMW_CHUNK, b), name in DECAYED))
-            workers = max(1, min(os.cpu_count() or 1, 8))
-            self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+            self._workers = max(1, min(os.cpu_count() or 1, 8))
+            self._pool = ThreadPoolExecutor(self._workers) if self._workers > 1 else None
         return self._chunks
 
     def step(self, lr, t, weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8, grad_scale=1.0):
@@ -284,7 +285,7 @@ class NumpyEngine:
         if self._pool is None:
             update(chunks)
         else:
-            n = self._pool._max_workers
+            n = self._workers
             list(self._pool.map(update, [chunks[i::n] for i in range(n)]))
 
     # ------------------------------------------------------------------------------------------
