@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=50257, help="V (50257)")
     ap.add_argument("--peak-gbs", type=float, default=4300.0, help="copy bandwidth, GB/s")
     ap.add_argument("--quick", action="store_true", help="defaults only")
+    ap.add_argument("--only", default="", help="comma-separated kernel names to sweep (all)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
     import torch
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
         rows.append((kernel, cfg_name, is_default, ms, gbs, f"err {err:.1e}"))
 
     def sweep(kernel, table, key, configs, run, check, nbytes):
+        if args.only and kernel not in args.only.split(","):
+            return
         default = dict(table[key]) if key else dict(table)
         for cfg in ([default] if args.quick else [default] + [c for c in configs if c != default]):
             (table[key] if key else table).update(cfg)
@@ -146,8 +149,9 @@ def main(argv=None) -> int:
     lref = torch.nn.functional.cross_entropy(logits[:, :V].float(), tg, reduction="none")
     lg = logits.clone()
     sweep("classifier", classifier.GPU, None,
-          [dict(BLOCK_V=bv, num_warps=wp) for bv, wp in ((4096, 8), (2048, 8), (8192, 8),
-                                                          (8192, 16), (4096, 16), (2048, 4))],
+          [dict(BLOCK_V=bv, num_warps=wp, PER_SM=ps)
+           for bv, wp, ps in ((4096, 8, 0), (2048, 4, 0), (8192, 8, 2), (8192, 8, 4),
+                              (4096, 8, 3), (4096, 8, 6), (8192, 16, 2), (4096, 4, 6))],
           lambda: classifier.fused_classifier(lg, tg, losses, V, 1.0 / Nc),
           lambda: (lg.copy_(logits), classifier.fused_classifier(lg, tg, losses, V, None),
                    rel(losses, lref))[2], 2 * Nc * Vp * 2)

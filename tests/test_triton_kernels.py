@@ -101,6 +101,12 @@ def test_layernorm_backward(accumulate):
     dw0 = dw.clone()
     red.add_partials(part[:, 0], dw)
     assert rel(dw, dw0.double() + wr.grad) < BF16
+    # all three sums in one launch, into three targets
+    ts = [rand(C, seed=s) for s in (30, 31, 32)]
+    t0 = [t.clone() for t in ts]
+    red.add_partials(part.reshape(part.shape[0], 3 * C), *ts)
+    for k in range(3):
+        assert rel(ts[k], t0[k].double() + sums[k]) < BF16
 
 
 def test_gelu_forward_backward():
@@ -152,8 +158,9 @@ def test_encoder_forward_and_deterministic_backward():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("write", [False, True])
-def test_fused_classifier(write):
+@pytest.mark.parametrize("write,programs", [(False, None), (True, None), (True, 2)])
+def test_fused_classifier(write, programs):
+    """programs=2 with 4-row blocks: each program walks several blocks of rows."""
     V, Vp = 1000, 1029  # Vp - V and V are not multiples of the block
     logits = rand(N, Vp, seed=18, scale=3.0)
     logits[:, V:] = 7.0  # padded columns must be ignored
@@ -163,7 +170,8 @@ def test_fused_classifier(write):
     ref_losses.mean().backward()
     lg = logits.clone()
     losses = torch.full((N,), float("nan"), device=DEV)
-    classifier.fused_classifier(lg, targets, losses, V, 1.0 / N if write else None)
+    classifier.fused_classifier(lg, targets, losses, V, 1.0 / N if write else None,
+                                programs=programs, block_rows=4 if programs else None)
     assert rel(losses, ref_losses) < FP32
     if write:
         assert rel(lg[:, :V], ref_l.grad) < BF16

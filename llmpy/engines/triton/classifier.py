@@ -18,15 +18,27 @@ import triton.language as tl
 
 from .common import check_device, interpreting, pow2, to_dtype
 
-# GPU launch configuration (bench/triton_kernels.py sweeps it)
-GPU = dict(BLOCK_V=4096, num_warps=8)
+# GPU launch configuration (bench/triton_kernels.py sweeps it). PER_SM programs per
+# multiprocessor each walk over rows (0: one program per row). Few rows in flight keep a
+# row in L2 between its two passes, so HBM sees one read and one write of the logits. The
+# rows a program gets do not change any result bit.
+GPU = dict(BLOCK_V=8192, num_warps=8, PER_SM=3)
 
 
 @triton.jit
-def _classifier_kernel(logits_ptr, targets_ptr, losses_ptr, N, V, Vp, stride, dloss,
+def _classifier_kernel(logits_ptr, targets_ptr, losses_ptr, N, V, Vp, stride, dloss, row_step,
                        WRITE_DLOGITS: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_V: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    for row0 in range(tl.program_id(0) * BLOCK_R, N, row_step):
+        _classifier_rows(logits_ptr, targets_ptr, losses_ptr, row0, N, V, Vp, stride, dloss,
+                         WRITE_DLOGITS, BLOCK_R, BLOCK_V)
+
+
+@triton.jit
+def _classifier_rows(logits_ptr, targets_ptr, losses_ptr, row0, N, V, Vp, stride, dloss,
+                     WRITE_DLOGITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_V: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_R)
     rmask = rows < N
     base = logits_ptr + rows.to(tl.int64)[:, None] * stride
     m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)
@@ -55,10 +67,12 @@ def _classifier_kernel(logits_ptr, targets_ptr, losses_ptr, N, V, Vp, stride, dl
 
 
 def fused_classifier(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, V: int,
-                     dloss: float | None) -> torch.Tensor:
+                     dloss: float | None, programs: int | None = None,
+                     block_rows: int | None = None) -> torch.Tensor:
     """logits (N, Vp) with unit column stride; targets (N,) int; losses (N,) fp32 written.
     With dloss (the gradient of the reduced loss per row, 1/N for the mean), the logits are
-    overwritten with dlogits; with None they are only read."""
+    overwritten with dlogits; with None they are only read. programs / block_rows override
+    the launch (tests use them to walk the row loop)."""
     N, Vp = logits.shape
     if logits.stride(1) != 1 or V > Vp:
         raise ValueError(f"fused_classifier: logits {tuple(logits.shape)} need unit column "
@@ -71,8 +85,17 @@ def fused_classifier(logits: torch.Tensor, targets: torch.Tensor, losses: torch.
         BLOCK_R, BLOCK_V, num_warps = pow2(min(N, 64)), pow2(min(Vp, 2048)), 1
     else:
         BLOCK_R, BLOCK_V, num_warps = 1, GPU["BLOCK_V"], GPU["num_warps"]
+    BLOCK_R = block_rows or BLOCK_R
     write = dloss is not None
-    _classifier_kernel[(triton.cdiv(N, BLOCK_R),)](
+    if programs is not None:
+        programs = min(programs, triton.cdiv(N, BLOCK_R))
+    elif interpreting() or not GPU["PER_SM"]:
+        programs = triton.cdiv(N, BLOCK_R)
+    else:
+        sms = torch.cuda.get_device_properties(logits.device).multi_processor_count
+        programs = min(triton.cdiv(N, BLOCK_R), GPU["PER_SM"] * sms)
+    _classifier_kernel[(programs,)](
         logits, targets, losses, N, V, Vp, logits.stride(0), dloss if write else 0.0,
-        WRITE_DLOGITS=write, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=num_warps)
+        programs * BLOCK_R, WRITE_DLOGITS=write, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V,
+        num_warps=num_warps)
     return losses

