@@ -1,0 +1,156 @@
+"""What every op module of the kernel library shares: the two sets of dimensions, the Op and
+Version records the harness reads, input makers, and the jit helpers that keep kernels
+correct in Triton's CPU interpreter.
+
+An op module (layernorm_forward.py, ...) writes its kernels, then one launcher per version
+(`version1`, `version2`, ...; the docstring's first line is what the table prints, the rest
+says what changed and why it is faster), then `OP = Op(...)`: how to make inputs, the
+reference, the tolerances and the bytes or FLOPs one call must move.
+
+Dimension legend (GPT-2 124M at B=8, T=1024; TINY is odd on purpose, so masks are tested):
+    B batch  T time  C channels  NH heads  HS = C // NH  V vocabulary  Vp padded vocabulary
+    N = B*T rows  P parameters (flat AdamW / grad-norm buffers)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpy.engines.triton.common import interpreting, pow2, to_dtype
+
+__all__ = ["FULL", "TINY", "Op", "Version", "versions_of", "generator", "randn", "tokens",
+           "rel_err", "np_rel", "dot", "dot_min", "interpreting", "pow2", "to_dtype"]
+
+FULL = dict(B=8, T=1024, C=768, NH=12, V=50257, Vp=50304, maxT=1024, P=124_475_904)
+TINY = dict(B=2, T=37, C=100, NH=4, V=307, Vp=320, maxT=40, P=10_007)
+
+Outputs = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Version:
+    """One implementation of an op: fn(**inputs) -> outputs (a dict of tensors).
+    kind: "triton" (written in this library), "production" (the triton engine's kernel,
+    imported) or "unit" (torch/cuBLAS: what the others are measured against). tol: this
+    version's own tolerances where its outputs are coarser than the op's (torch returning
+    bf16 where the kernels return fp32), merged over Op.tol."""
+    name: str
+    fn: Callable[..., Outputs]
+    kind: str = "triton"
+    tol: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.fn) or ""
+        return doc.split("\n\n")[0].replace("\n", " ")
+
+
+@dataclass(frozen=True)
+class Op:
+    """An op as the harness sees it.
+
+    make(dims, device, seed) -> inputs; reference(**inputs) -> outputs in float64 (computed
+    before any version runs, since some versions work in place); tol: output name -> the
+    largest max|out - ref| / max|ref| accepted (each op says why next to it);
+    optional_tol: outputs only some versions give (a fused bias gradient), checked where
+    present; cost(dims, inputs) -> ("bytes", n) for memory-bound ops (what one call must
+    read and write at least) or ("flops", n); inplace: versions overwrite their inputs, so
+    each run gets fresh ones.
+    numpy_check(inputs, ref): where the NumPy engine has this layer, the largest relative
+    difference between the torch reference and numpy_layers in float64 (the slow path is
+    the law: the references are checked against it at tiny shapes)."""
+    name: str
+    make: Callable[[dict, torch.device, int], dict]
+    reference: Callable[..., Outputs]
+    versions: tuple[Version, ...]
+    tol: dict[str, float]
+    cost: Callable[[dict, dict], tuple[str, float]]
+    optional_tol: dict[str, float] = field(default_factory=dict)
+    inplace: bool = False
+    numpy_check: Callable[[dict, Outputs], float] | None = None
+    llmc: str = ""
+
+
+def versions_of(module_globals: dict, production: Callable | None = None,
+                unit: Callable | None = None, unit_tol: dict | None = None
+                ) -> tuple[Version, ...]:
+    """version1, version2, ... of a module in order, then production, then the unit."""
+    out = []
+    i = 1
+    while f"version{i}" in module_globals:
+        out.append(Version(str(i), module_globals[f"version{i}"]))
+        i += 1
+    if production is not None:
+        out.append(Version(str(i), production, "production"))
+    if unit is not None:
+        out.append(Version("torch", unit, "unit", dict(unit_tol or {})))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape, dtype=torch.bfloat16, scale=1.0, shift=0.0):
+    """Normal numbers made on the generator's device (fast at full size)."""
+    x = torch.randn(*shape, generator=g, device=g.device, dtype=torch.float32)
+    if scale != 1.0 or shift != 0.0:
+        x = x * scale + shift
+    return x.to(dtype)
+
+
+def tokens(g: torch.Generator, n: int, V: int) -> torch.Tensor:
+    """n int32 token ids with a Zipf-like frequency (p ~ 1 / (rank + 10)), as in text: some
+    tokens repeat hundreds of times in a batch, which matters for the encoder backward."""
+    p = 1.0 / (torch.arange(V, device=g.device, dtype=torch.float32) + 10.0)
+    ranks = torch.multinomial(p, n, replacement=True, generator=g)
+    ids = torch.randperm(V, generator=g, device=g.device)   # frequent ids spread over V
+    return ids[ranks].to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# measures
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64 (0 when both are zero)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    diff = float((out - ref).abs().max()) if ref.numel() else 0.0
+    if math.isnan(diff):
+        return math.inf
+    return diff / scale if scale > 0 else diff
+
+
+def np_rel(a, b) -> float:
+    return rel_err(torch.as_tensor(a), torch.as_tensor(b))
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (set under TRITON_INTERPRET=1) multiplies in fp32: the CPU
+    interpreter of Triton 3.9 returns garbage for a bf16 tl.dot."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+def dot_min(n: int) -> int:
+    """A tl.dot block size for a dimension of n: a power of two, at least 16 (the GPU's
+    smallest tensor-core tile)."""
+    return max(16, pow2(n))

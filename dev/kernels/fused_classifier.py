@@ -1,0 +1,198 @@
+"""Softmax + cross-entropy + dlogits, fused (llm.c's dev/cuda/classifier_fused.cu).
+
+    lse = log sum_j exp(logits[r, j]) over the V real columns
+    losses[r] = lse - logits[r, target[r]]
+    dlogits[r, j] = (exp(logits[r, j] - lse) - [j == target]) * dloss,  0 in the padding V..Vp
+
+The (N, Vp) bf16 logits are the largest activation of GPT-2 (8192 x 50304 = 824 MB), and
+the gradient is written over them in place, as in llm.c and the triton engine; losses are
+fp32, dloss = 1/N (the mean). Memory-bound: one read of N x V and one write of N x Vp at
+best.
+
+    version 1  three kernels: softmax into an fp32 probability buffer, the losses from it,
+               then dlogits from it: the 1.6 GB buffer is written and read back
+    version 2  one kernel per row, three passes over its logits (max, sum of exp, write):
+               no probability buffer
+    version 3  production: online softmax (max and sum in one pass), then the write pass:
+               two reads of the row, one write
+
+Dimension legend: N rows (B*T), V vocabulary, Vp padded vocabulary (the row stride).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpy.engines.triton import classifier as engine
+
+from .common import Op, generator, np_rel, randn, to_dtype, tokens, versions_of
+
+BLOCK_V = 4096  # columns per loop step
+
+
+@triton.jit
+def _probs_kernel(logits_ptr, probs_ptr, V, Vp, BLOCK: tl.constexpr):
+    # one row: max, sum, then probs (N, V) fp32 written
+    r = tl.program_id(0).to(tl.int64)
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.load(logits_ptr + r * Vp + cols, mask=cols < V,
+                                  other=float("-inf")).to(tl.float32))
+    mx = tl.max(m, axis=0)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + r * Vp + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        s += tl.exp(x - mx)
+    inv = 1.0 / tl.sum(s, axis=0)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + r * Vp + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        tl.store(probs_ptr + r * V + cols, tl.exp(x - mx) * inv, mask=cols < V)
+
+
+@triton.jit
+def _loss_kernel(probs_ptr, targets_ptr, losses_ptr, N, V, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = rows < N
+    tgt = tl.load(targets_ptr + rows, mask=m, other=0).to(tl.int64)
+    p = tl.load(probs_ptr + rows.to(tl.int64) * V + tgt, mask=m, other=1.0)
+    tl.store(losses_ptr + rows, -tl.log(p), mask=m)
+
+
+@triton.jit
+def _dlogits_kernel(probs_ptr, targets_ptr, logits_ptr, V, Vp, dloss, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(targets_ptr + r)
+    for v0 in range(0, Vp, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        p = tl.load(probs_ptr + r * V + cols, mask=cols < V, other=0.0)
+        d = tl.where(cols < V, (p - tl.where(cols == tgt, 1.0, 0.0)) * dloss, 0.0)
+        tl.store(logits_ptr + r * Vp + cols, to_dtype(d, logits_ptr.dtype.element_ty),
+                 mask=cols < Vp)
+
+
+@triton.jit
+def _three_pass_kernel(logits_ptr, targets_ptr, losses_ptr, V, Vp, dloss, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + r * Vp
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
+    mx = tl.max(m, axis=0)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        s += tl.exp(tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) - mx)
+    lse = mx + tl.log(tl.sum(s, axis=0))
+    tgt = tl.load(targets_ptr + r).to(tl.int64)
+    tl.store(losses_ptr + r, lse - tl.load(base + tgt).to(tl.float32))
+    for v0 in range(0, Vp, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        d = (tl.exp(x - lse) - tl.where(cols == tgt, 1.0, 0.0)) * dloss
+        tl.store(base + cols, to_dtype(tl.where(cols < V, d, 0.0), logits_ptr.dtype.element_ty),
+                 mask=cols < Vp)
+
+
+def version1(logits, targets, V):
+    """three kernels around an fp32 probability buffer: softmax, losses, dlogits
+
+    The unfused pipeline (llm.c's versions 1-2 are also separate kernels): kernel 1 reads
+    each row three times and writes probs (N, V) in fp32 (1.6 GB at GPT-2 size); kernel 2
+    picks -log probs[target]; kernel 3 reads probs back and writes dlogits over the
+    logits. The buffer costs a write and a read of twice the logits' size, and memory."""
+    N, Vp = logits.shape
+    dloss = 1.0 / N
+    probs = torch.empty(N, V, dtype=torch.float32, device=logits.device)
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    _probs_kernel[(N,)](logits, probs, V, Vp, BLOCK=BLOCK_V, num_warps=8)
+    _loss_kernel[(triton.cdiv(N, 256),)](probs, targets, losses, N, V, BLOCK=256)
+    _dlogits_kernel[(N,)](probs, targets, logits, V, Vp, dloss, BLOCK=BLOCK_V, num_warps=8)
+    return dict(losses=losses, dlogits=logits)
+
+
+def version2(logits, targets, V):
+    """one kernel per row: max pass, sum-of-exp pass, dlogits pass; no probability buffer
+
+    Fusing the three kernels removes the fp32 buffer entirely: the loss is lse -
+    logit[target] (no probability needs storing), and dlogits are recomputed from the
+    logits in the last pass (exp(x - lse)). The row (100 KB) is read three times; the
+    later reads are partly served by L2."""
+    N, Vp = logits.shape
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    _three_pass_kernel[(N,)](logits, targets, losses, V, Vp, 1.0 / N, BLOCK=BLOCK_V,
+                             num_warps=8)
+    return dict(losses=losses, dlogits=logits)
+
+
+def production(logits, targets, V):
+    """production (llmpy/engines/triton/classifier.py): online softmax, then the write pass
+
+    The engine's kernel: the max and the sum of exp come from one pass (the sum is rescaled
+    whenever the max grows, softmax_forward.py version 2), so each row is read twice and
+    written once (llm.c's fused_classifier3 does the same)."""
+    N, Vp = logits.shape
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    engine.fused_classifier(logits, targets, losses, V, 1.0 / N)
+    return dict(losses=losses, dlogits=logits)
+
+
+def unit(logits, targets, V):
+    """torch: cross_entropy on the fp32 logits with autograd, grad copied back (the unit)"""
+    N, Vp = logits.shape
+    with torch.enable_grad():
+        lf = logits[:, :V].float().requires_grad_(True)
+        losses = torch.nn.functional.cross_entropy(lf, targets.long(), reduction="none")
+        (dl,) = torch.autograd.grad(losses, lf, torch.full_like(losses, 1.0 / N))
+    logits[:, :V] = dl
+    logits[:, V:] = 0
+    return dict(losses=losses.detach(), dlogits=logits)
+
+
+def make(dims, device, seed):
+    g = generator(device, seed)
+    N = dims["B"] * dims["T"]
+    logits = randn(g, N, dims["Vp"], scale=3.0)
+    logits[:, dims["V"]:] = 7.0        # the padding must take no part
+    return dict(logits=logits, targets=tokens(g, N, dims["V"]), V=dims["V"])
+
+
+def reference(logits, targets, V):
+    N = logits.shape[0]
+    x = logits[:, :V].double()
+    lse = torch.logsumexp(x, dim=-1)
+    rows = torch.arange(N, device=logits.device)
+    tgt = targets.long()
+    d = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
+    d[:, :V] = torch.exp(x - lse[:, None])
+    d[rows, tgt] -= 1.0
+    return dict(losses=lse - x[rows, tgt], dlogits=d / N)
+
+
+def numpy_check(inputs, ref):
+    import numpy as np
+    from llmpy.engines import numpy_layers as nl
+    logits = inputs["logits"].double().cpu().numpy().copy()
+    targets = inputs["targets"].cpu().numpy().astype(np.int64)
+    N = logits.shape[0]
+    losses, cache = nl.softmax_crossentropy_forward(logits, targets, inputs["V"])
+    dlogits = nl.softmax_crossentropy_backward(np.full(N, 1.0 / N), cache)
+    return max(np_rel(losses, ref["losses"].cpu()), np_rel(dlogits, ref["dlogits"].cpu()))
+
+
+def cost(dims, inputs):
+    N, Vp = inputs["logits"].shape
+    return "bytes", N * inputs["V"] * 2 + N * Vp * 2 + N * 8
+
+
+OP = Op(
+    name="fused_classifier", make=make, reference=reference,
+    versions=versions_of(globals(), production, unit),
+    # losses: fp32 log-sum-exp over V terms (summation order); dlogits: bf16, rounded once
+    tol=dict(losses=1e-5, dlogits=1e-2),
+    cost=cost, inplace=True, numpy_check=numpy_check, llmc="dev/cuda/classifier_fused.cu")
