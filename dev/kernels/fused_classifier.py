@@ -135,7 +135,8 @@ def production(logits, targets, V):
 
     The engine's kernel: the max and the sum of exp come from one pass (the sum is rescaled
     whenever the max grows, softmax_forward.py version 2), so each row is read twice and
-    written once (llm.c's fused_classifier3 does the same)."""
+    written once (llm.c's fused_classifier3 does the same). Launch: the engine's GPU dict
+    (one program per row, or a persistent grid walking rows)."""
     N, Vp = logits.shape
     losses = torch.empty(N, dtype=torch.float32, device=logits.device)
     engine.fused_classifier(logits, targets, losses, V, 1.0 / N)

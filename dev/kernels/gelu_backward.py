@@ -9,7 +9,7 @@ bias gradient of the fc matmul whose output fed the GELU (checked here as dbias)
 
     version 1  128 elements per program: one 2-byte element per lane
     version 2  1024 elements per program, 4 warps: 8 elements per lane, 16-byte vectors
-    version 3  production: (16 rows x 256 columns) tiles, and the fc bias gradient (column
+    version 3  production: 2-D (rows x columns) tiles, and the fc bias gradient (column
                sums of dx) in the same pass
 
 Dimension legend: N rows (B*T), OC = 4C columns.
@@ -68,9 +68,10 @@ def version2(dout, x):
 def production(dout, x):
     """production (llmpy/engines/triton/gelu.py): 2-D tiles, fc bias gradient fused
 
-    The engine's kernel: (16 x 256) tiles, each program walks 256 rows of a 256-column strip
-    and keeps the column sums of the dx it writes; reduce.add_partials finishes the fc
-    bias gradient. The same bytes as version 2 plus the bias gradient's pass saved."""
+    The engine's kernel: each program walks a block of rows of one column strip in 2-D tiles
+    (sizes: the engine's GPU["backward"]) and keeps the column sums of the dx it writes;
+    reduce.add_partials finishes the fc bias gradient. The same bytes as version 2, and the
+    separate pass over dx that the bias gradient would otherwise need is saved."""
     N, OC = dout.shape
     P = triton.cdiv(N, engine.gelu_backward_rows_per_prog(N))
     partial = torch.empty(P * OC, device=dout.device)

@@ -6,8 +6,8 @@ Elementwise over the (N, 4C) output of the fc matmul, bf16 in and out: one read 
 write per element, so the only question is how close to the copy bandwidth it gets.
 
     version 1  128 elements per program, 4 warps: one 2-byte element per lane
-    version 2  production: 2048 elements per program, 8 warps: 8 elements per lane, moved as
-               one 16-byte vector each way
+    version 2  production: thousands of elements per program: 8+ elements per lane, moved
+               as 16-byte vectors
 
 Dimension legend: N rows (B*T), OC = 4C columns.
 """
@@ -54,11 +54,12 @@ def version1(x):
 
 
 def production(x):
-    """production (llmpy/engines/triton/gelu.py): 8 elements per lane, 16-byte vectors
+    """production (llmpy/engines/triton/gelu.py): many elements per lane, 16-byte vectors
 
-    The engine's kernel: 2048 elements over 8 warps, so each lane owns 8 contiguous bf16
-    and moves them with one 128-bit load and one 128-bit store (llm.c's version 2 packs
-    x128 by hand for the same reason): 8x fewer memory instructions per byte."""
+    The engine's kernel with its swept launch configuration (GPU["forward"]: thousands of
+    elements per program over a few warps), so each lane owns 8 or more contiguous bf16 and
+    moves them with 128-bit loads and stores (llm.c's version 2 packs x128 by hand for the
+    same reason): 8x fewer memory instructions per byte, and fewer, longer programs."""
     out = torch.empty_like(x)
     engine.gelu_forward(x, out)
     return dict(out=out)

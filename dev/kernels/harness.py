@@ -9,9 +9,10 @@ in Triton's CPU interpreter, TRITON_INTERPRET=1, and only --check-only makes sen
 float64 reference is computed first; each version's outputs must be within the op's
 declared tolerance (max|out - ref| / max|ref|) or it is not timed. On CUDA a version also
 runs twice more to see whether it is deterministic (bitwise equal outputs), and is timed:
-the median of up to 50 runs after a warm-up, each between CUDA events with the 256 MB L2
-flushed before it (as triton.testing.do_bench does; the flush also keeps the GPU busy
-while Python launches the next kernel, so launch latency is not measured as kernel time).
+the median of up to 50 runs after a warm-up, each between CUDA events, after a 1 GiB
+memset that flushes the L2 (as triton.testing.do_bench does with 256 MB) and keeps the GPU
+busy for ~0.3 ms while Python launches the version's kernels, so that host launch latency
+(tens of microseconds per Triton launch) is not measured as kernel time.
 
 Reported: GB/s for memory-bound ops (the bytes one call must move at least, over the
 median time) or TFLOP/s, against the H200's ceilings (copy bandwidth 4.27 TB/s measured,
@@ -66,10 +67,13 @@ def parse(argv):
     return args
 
 
+FLUSH_BYTES = 2 ** 30
+
+
 def bench(fn, inputs, reps):
-    """Median milliseconds of fn(**inputs) between CUDA events, L2 flushed before each."""
+    """Median milliseconds of fn(**inputs) between CUDA events, after a FLUSH_BYTES memset."""
     import torch
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     fn(**inputs)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -137,7 +141,6 @@ def run_op(op, dims, device, args, cuda, device_name):
                          status="ok" if err <= LAW_TOL else "FAIL", err_over_tol=err / LAW_TOL,
                          errors=f"ref-vs-numpy={err:.1e}",
                          summary="the torch float64 reference against numpy_layers"))
-        print(fmt_row(rows[-1]), flush=True)
     metric, amount = op.cost(dims, inputs)
     for ver in op.versions:
         row = dict(base, op=op.name, version=ver.name, kind=ver.kind, summary=ver.summary,
@@ -178,8 +181,6 @@ def run_op(op, dims, device, args, cuda, device_name):
             row.update(status="error", errors=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                        if str(e) else type(e).__name__)
         rows.append(row)
-        print(fmt_row(row) + (f"\n    {row['errors']}" if row["status"] != "ok" else ""),
-              flush=True)
         if cuda:
             torch.cuda.empty_cache()
     units = [r for r in rows if r["kind"] == "unit" and r["time_us"] != ""]
@@ -187,6 +188,8 @@ def run_op(op, dims, device, args, cuda, device_name):
         for r in rows:
             if r["time_us"] != "":
                 r["pct_of_unit"] = 100 * units[0]["time_us"] / r["time_us"]
+    for r in rows:  # printed once the unit is timed, so that %unit is known
+        print(fmt_row(r) + (f"\n    {r['errors']}" if r["status"] != "ok" else ""), flush=True)
     return rows
 
 

@@ -15,9 +15,9 @@ versions differ in:
                on the same 2C addresses, and a different summation order every run
     version 2  each program sums a block of rows into one partial (no atomics); a second
                tiny kernel adds the partials in a fixed order: deterministic
-    version 3  production: version 2's plan with two rows per step, and a third partial
-               (the column sums of the new dres: the upstream projection's bias gradient,
-               which the engine needs anyway and gets from this same pass)
+    version 3  production: version 2's plan with several rows per step, and a third
+               partial (the column sums of the new dres: the upstream projection's bias
+               gradient, which the engine needs anyway and gets from this same pass)
 
 Dimension legend: N rows (B*T), C channels, P programs (partial sums).
 """
@@ -143,19 +143,19 @@ def version2(dout, x, w, mean, rstd, dres):
 def production(dout, x, w, mean, rstd, dres):
     """production (llmpy/engines/triton/layernorm.py + reduce.add_partials)
 
-    The engine's kernel: version 2's partial sums, two rows per loop step, plus the column
-    sums of the new dres as a third partial (the bias gradient of the attproj/fcproj matmul
-    that fed this residual: extra work this op does not ask for, done in the same pass).
-    reduce.add_partials then adds the partials in order."""
+    The engine's kernels, as its backward calls them: version 2's per-program partial sums
+    with several rows per loop step (rows per program and per step: the engine's GPU dict,
+    swept by bench/triton_kernels.py), plus a third partial, the column sums of the new
+    dres: the bias gradient of the attproj/fcproj matmul that fed this residual (work this
+    op does not ask for, done in the same pass; checked here as dbias). One add_partials
+    launch then adds all three in order."""
     N, C = x.shape
     P = triton.cdiv(N, engine.layernorm_backward_rows_per_prog(N))
     partial = torch.empty(P * 3 * C, device=x.device)
     part = engine.layernorm_backward(dout, x, w, mean, rstd, dres, partial, accumulate=True)
-    dw = torch.zeros(C, device=x.device)
-    db = torch.zeros(C, device=x.device)
-    engine_reduce.add_partials(part[:, 0], dw)
-    engine_reduce.add_partials(part[:, 1], db)
-    return dict(dres=dres, dw=dw, db=db)
+    dw, db, dbias = (torch.zeros(C, device=x.device) for _ in range(3))
+    engine_reduce.add_partials(part.view(P, 3 * C), dw, db, dbias)
+    return dict(dres=dres, dw=dw, db=db, dbias=dbias)
 
 
 def unit(dout, x, w, mean, rstd, dres):
@@ -190,7 +190,9 @@ def reference(dout, x, w, mean, rstd, dres):
     xhat = (x - mu) * rs
     dnorm = dout * w
     dx = rs * (dnorm - dnorm.mean(-1, keepdim=True) - xhat * (dnorm * xhat).mean(-1, keepdim=True))
-    return dict(dres=dres.double() + dx, dw=(dout * xhat).sum(0), db=dout.sum(0))
+    dres = dres.double() + dx
+    # dbias: the column sums of the new bf16 dres (the production version's extra output)
+    return dict(dres=dres, dw=(dout * xhat).sum(0), db=dout.sum(0), dbias=dres.sum(0))
 
 
 def numpy_check(inputs, ref):
@@ -214,5 +216,5 @@ OP = Op(
     # dres: bf16, rounded once; dw, db: fp32 sums over N rows (summation order only);
     # torch's dw, db are bf16 (and its CPU statistics too: 2e-2)
     versions=versions_of(globals(), production, unit, unit_tol=dict(dw=2e-2, db=2e-2)),
-    tol=dict(dres=1e-2, dw=1e-4, db=1e-4),
+    tol=dict(dres=1e-2, dw=1e-4, db=1e-4), optional_tol=dict(dbias=1e-2),
     cost=cost, inplace=True, numpy_check=numpy_check, llmc="dev/cuda/layernorm_backward.cu")

@@ -128,11 +128,13 @@ def version2(x, w, b):
 
 
 def production(x, w, b):
-    """production (llmpy/engines/triton/layernorm.py): the whole row in registers
+    """production (llmpy/engines/triton/layernorm.py): whole rows in registers
 
-    The engine's kernel: BLOCK_C = next power of two >= C, so one load brings the row into
-    registers, mean and the centred variance are two in-register reductions (no E[x^2]
-    cancellation), and the row is written once. x crosses the bus exactly once."""
+    The engine's kernel: BLOCK_C = next power of two >= C, so one load brings a row (or a
+    few: the engine's GPU["forward"]) into registers, mean and the centred variance are two
+    in-register reductions (no E[x^2] cancellation), and the row is written once. x
+    crosses the bus exactly once; the price is the lanes masked off between C and BLOCK_C
+    (768 of 1024 here)."""
     out, mean, rstd = _buffers(x)
     engine.layernorm_forward(x, w, b, out, mean, rstd)
     return dict(out=out, mean=mean, rstd=rstd)
