@@ -203,7 +203,7 @@ def parse_args(argv: list[str], has_cuda: bool = False) -> tuple[RunConfig, set[
     return RunConfig(**values), given
 
 
-def validate(rc: RunConfig, given: set[str]) -> None:
+def validate(rc: RunConfig) -> None:
     """Cross-field checks, before anything is allocated. One LlmpyError names the flag."""
     def need(cond, flag, what, got):
         if not cond:
@@ -224,6 +224,8 @@ def validate(rc: RunConfig, given: set[str]) -> None:
     need(rc.val_batches == -1 or rc.val_batches >= 1, "-m", "-1 or >= 1", rc.val_batches)
     need(rc.sample_every >= 0, "-s", ">= 0", rc.sample_every)
     need(rc.gen_tokens >= 1, "-g", ">= 1", rc.gen_tokens)
+    need(rc.gpu_log_every == -1 or rc.gpu_log_every >= 1, "-lg", "-1 (off) or >= 1",
+         rc.gpu_log_every)
     for flag, name in (("-h", "hellaswag"), ("-a", "overfit"), ("-y", "resume"),
                        ("-w", "master_weights"), ("-ge", "gelu_fusion"), ("-f", "tf32"),
                        ("--shuffle", "shuffle")):
@@ -446,11 +448,12 @@ def sample_text(engine, rc: RunConfig, step: int) -> str:
 # the loop
 
 def train(rc: RunConfig, given: set[str] | None = None) -> dict:
+    # `given` (the flags set explicitly, from parse_args) is accepted so that
+    # train(*parse_args(argv)) reads naturally; the loop itself needs only the RunConfig.
     """Run training as configured. Returns a summary dict (losses, final val loss, ...)."""
     from .dist import init as init_dist
 
-    given = given or set()
-    validate(rc, given)
+    validate(rc)
     engine_name, device = pick_engine_and_device(rc.engine, rc.device)
     dist = init_dist(rc, device)
     try:
@@ -472,6 +475,10 @@ def _train(rc: RunConfig, dist, engine_name: str, device: str) -> dict:
             device = f"cuda:{dist.local_rank}"
     if rc.zero and world == 1 and master:
         print("note: -z 1 with one process is the same as -z 0")
+    if device.startswith("cuda"):  # -f: TF32 for fp32 matmuls and convolutions (llm.c's -f)
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = bool(rc.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(rc.tf32)
 
     # -- data first: bad shards fail before anything big is allocated
     train_glob, val_glob = rc.train_data, rc.val_data
@@ -642,6 +649,12 @@ def _train(rc: RunConfig, dist, engine_name: str, device: str) -> dict:
             print(f"step {step + 1:4d}/{steps} | loss {loss:.6f} ({zloss:+.2f}z) | norm "
                   f"{norm:.4f} ({znorm:+.2f}z) | lr {lr:.2e} | {dt * 1e3:.1f} ms{mfu} | "
                   f"{tok_s:,.0f} tok/s" + (f" | SKIPPED ({skip})" if skip else ""), flush=True)
+            if rc.gpu_log_every > 0 and step % rc.gpu_log_every == 0 and \
+                    device.startswith("cuda"):
+                import torch
+                print(f"gpu memory: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated, "
+                      f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak, "
+                      f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
     logger.close()
     if step_times:
         summary["median_step_s"] = float(np.median(step_times))

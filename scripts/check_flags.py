@@ -34,8 +34,8 @@ def check(argv: list[str], nproc: int, need_resume: bool):
     """Raise LlmpyError on a bad flag; else return (the plan's rows, last step, out dir)."""
     if "-i" not in argv and "--train-data" not in argv:
         raise LlmpyError("-i: the scripts name their train shards; got no -i")
-    rc, given = parse_args(argv, has_cuda=True)
-    validate(rc, given)
+    rc, _ = parse_args(argv, has_cuda=True)
+    validate(rc)
     if rc.num_processes > 1 and rc.num_processes != nproc:
         raise LlmpyError(f"-pn: expected the launcher's process count {nproc}, got "
                          f"{rc.num_processes}")
