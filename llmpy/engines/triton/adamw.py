@@ -31,7 +31,8 @@ def _stochastic_round_bf16(x, seed, offs):
 
 @triton.jit
 def _adamw_kernel(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, n, lr, beta1, beta2, bc1, bc2,
-                  eps, wd, grad_scale, seed, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
+                  eps, wd, grad_scale, seed, base, HAS_MASTER: tl.constexpr,
+                  BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
@@ -48,13 +49,17 @@ def _adamw_kernel(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, n, lr, beta1, b
     tl.store(v_ptr + offs, v, mask=mask)
     if HAS_MASTER:
         tl.store(master_ptr + offs, p, mask=mask)
-    tl.store(param_ptr + offs, _stochastic_round_bf16(p, seed, offs), mask=mask)
+    # the random bits are keyed by the element's index in its whole tensor (base + offs), so
+    # a tensor updated in slices (ZeRO-1 shards) rounds exactly as when updated at once
+    tl.store(param_ptr + offs, _stochastic_round_bf16(p, seed, offs + base), mask=mask)
 
 
 def adamw_update(param, grad, master, m, v, *, lr, beta1, beta2, eps, weight_decay, t,
-                 grad_scale, seed):
+                 grad_scale, seed, base: int = 0):
     """One AdamW step on one tensor's flat views: param bf16, grad bf16, master fp32 or None,
-    m and v fp32, all (n,) contiguous. seed: a 31-bit int for the stochastic rounding."""
+    m and v fp32, all (n,) contiguous. seed: a 31-bit int for the stochastic rounding; base:
+    where these views start inside their tensor (a ZeRO-1 shard's slice), for the same
+    rounding bits as an update of the whole tensor."""
     n = param.numel()
     for x, what in ((grad, "grad"), (m, "m"), (v, "v")) + (((master, "master"),) if master is
                                                           not None else ()):
@@ -66,5 +71,5 @@ def adamw_update(param, grad, master, m, v, *, lr, beta1, beta2, eps, weight_dec
     BLOCK = 65536 if interpreting() else 1024
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
         param, grad, master if master is not None else m, m, v, n, lr, beta1, beta2,
-        1.0 - beta1 ** t, 1.0 - beta2 ** t, eps, weight_decay, grad_scale, seed,
+        1.0 - beta1 ** t, 1.0 - beta2 ** t, eps, weight_decay, grad_scale, seed, base,
         HAS_MASTER=master is not None, BLOCK=BLOCK, num_warps=4)

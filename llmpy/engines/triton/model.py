@@ -408,16 +408,32 @@ class TritonEngine:
                    & 0x7FFFFFFF)
 
     def step(self, lr: float, t: int, weight_decay: float = 0.0, beta1: float = 0.9,
-             beta2: float = 0.95, eps: float = 1e-8, grad_scale: float = 1.0) -> None:
+             beta2: float = 0.95, eps: float = 1e-8, grad_scale: float = 1.0,
+             shard: tuple[int, int] | None = None) -> None:
+        """One AdamW update, llm.c's rules; with `shard` = [start, end) only that slice of
+        the flat buffers (ZeRO-1), rounded with the same random bits as a full update."""
         if t < 1:
             raise ValueError(f"triton engine: step t must be >= 1 (t = step + 1), got {t}")
+        start, end = shard if shard is not None else (0, self.config.num_params)
         for i, name in enumerate(PARAM_NAMES):
             a, b = self.offsets[name]
-            adamw_update(self.params[a:b], self.grads[a:b],
-                         None if self.master is None else self.master[a:b], self.m[a:b],
-                         self.v[a:b], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            lo, hi = max(a, start), min(b, end)
+            if lo >= hi:
+                continue
+            adamw_update(self.params[lo:hi], self.grads[lo:hi],
+                         None if self.master is None else self.master[lo:hi], self.m[lo:hi],
+                         self.v[lo:hi], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                          weight_decay=weight_decay if name in DECAYED else 0.0, t=t,
-                         grad_scale=grad_scale, seed=self._rounding_seed(t, i))
+                         grad_scale=grad_scale, seed=self._rounding_seed(t, i), base=lo - a)
+
+    # the flat buffers, for the training loop's gradient averaging and ZeRO-1 (llmpy.dist)
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.params
+
+    @property
+    def flat_grad(self) -> torch.Tensor:
+        return self.grads
 
     # ------------------------------------------------------------------------------------
     # inference: fresh buffers, the training buffers are left alone
