@@ -38,13 +38,17 @@ def _adamw_kernel(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, n, lr, beta1, b
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
+    # explicit fma: left to itself the compiler contracts a*b + c differently for different
+    # specializations of the same kernel (pointer alignment, n), which would make a tensor
+    # updated in slices (ZeRO-1) differ in the last bit from one updated whole
+    m = tl.fma(beta1, m, (1.0 - beta1) * g)
+    v = tl.fma(beta2, v, (1.0 - beta2) * (g * g))
     if HAS_MASTER:
         p = tl.load(master_ptr + offs, mask=mask, other=0.0)
     else:
         p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = p - lr * ((m / bc1) / (tl.sqrt(v / bc2) + eps) + wd * p)
+    update = tl.fma(wd, p, (m / bc1) / (tl.sqrt(v / bc2) + eps))
+    p = tl.fma(-lr, update, p)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     if HAS_MASTER:
