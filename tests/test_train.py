@@ -282,3 +282,28 @@ def test_main_job_smoke(tmp_path):
     assert "main job done" in r.stdout and "sample:" in r.stdout
     assert (tmp_path / "cache" / "tinyshakespeare" / "tiny_shakespeare_train.bin").exists()
     assert ckpt.latest_step(tmp_path / "out") == 3
+
+
+def test_hellaswag_in_the_loop_logs_eval_lines(shards, tmp_path):
+    from llmpy.formats import write_eval
+    rng = np.random.default_rng(5)
+    examples = [{"label": int(rng.integers(0, 4)), "ctx": rng.integers(0, 512, 5).tolist(),
+                 "endings": [rng.integers(0, 512, int(rng.integers(1, 4))).tolist()
+                             for _ in range(4)]} for _ in range(6)]
+    hs = tmp_path / "hs.bin"
+    write_eval(hs, examples)
+    out = tmp_path / "o"
+    train(*parse_args(base_args(shards, out, steps=4, extra=["-h", "1", "--hellaswag-file",
+                                                             str(hs), "-b", "4", "-d", "64"])))
+    evals = [x for x in (out / "main.log").read_text().splitlines() if "eval:" in x]
+    assert len(evals) == 2  # steps 0 and 4
+    assert all(re.match(r"^s:\d+ eval:\d\.\d{4}$", x) for x in evals)
+    # 6 examples: the accuracy is a multiple of 1/6
+    acc = float(evals[-1].split("eval:")[1])
+    assert abs(acc * 6 - round(acc * 6)) < 1e-3
+
+
+def test_missing_hellaswag_file_is_exit_2(shards, tmp_path, capsys):
+    rc = cli_main(["train", *base_args(shards, tmp_path / "o"), "-h", "1", "--hellaswag-file",
+                   str(tmp_path / "nope.bin")])
+    assert rc == 2 and "llmpy data hellaswag" in capsys.readouterr().err
