@@ -98,7 +98,7 @@ class Dist:
             return flat[start:end]
         import torch.distributed as tdist
         if self.backend == "nccl" and flat.numel() % self.world == 0:
-            out = torch_empty_like(flat[start:end])
+            out = flat.new_empty(end - start)
             tdist.reduce_scatter_tensor(out, flat, op=tdist.ReduceOp.AVG)
             flat[start:end].copy_(out)
         else:  # gloo, or a size that does not split evenly
@@ -129,11 +129,6 @@ class Dist:
             import torch.distributed as tdist
             if tdist.is_initialized():
                 tdist.destroy_process_group()
-
-
-def torch_empty_like(t):
-    import torch
-    return torch.empty_like(t)
 
 
 def _env_int(*names: str) -> int | None:

@@ -252,11 +252,8 @@ def _download(name: str) -> Path:
     return d
 
 
-def load_hf(name_or_dir) -> tuple[ModelConfig, np.ndarray]:
-    """A GPT-2 checkpoint in Hugging Face layout -> (ModelConfig, flat float32 params in llm.c
-    layout, wte padded to Vp with zeros). `name_or_dir` is a local directory (config.json plus
-    model.safetensors[.index.json] or pytorch_model.bin) or a hub name: gpt2, gpt2-medium,
-    gpt2-large, gpt2-xl (or owner/name), downloaded with huggingface_hub."""
+def _resolve(name_or_dir) -> tuple[Path, ModelConfig]:
+    """A local directory or hub name -> (its directory, the ModelConfig of its config.json)."""
     d = Path(name_or_dir)
     if not d.is_dir():
         name = str(name_or_dir)
@@ -270,6 +267,18 @@ def load_hf(name_or_dir) -> tuple[ModelConfig, np.ndarray]:
         cfg = json.loads((d / "config.json").read_text())
     except ValueError as e:
         raise LlmpyError(f"{d / 'config.json'}: not valid JSON ({e})") from None
-    config = config_from_hf(cfg, d / "config.json")
-    return config, from_hf_tensors(config, _read_weights(d), where=str(d))
+    return d, config_from_hf(cfg, d / "config.json")
 
+
+def load_hf_config(name_or_dir) -> ModelConfig:
+    """Only the shape of a Hugging Face GPT-2 (config.json), no weights read."""
+    return _resolve(name_or_dir)[1]
+
+
+def load_hf(name_or_dir) -> tuple[ModelConfig, np.ndarray]:
+    """A GPT-2 checkpoint in Hugging Face layout -> (ModelConfig, flat float32 params in llm.c
+    layout, wte padded to Vp with zeros). `name_or_dir` is a local directory (config.json plus
+    model.safetensors[.index.json] or pytorch_model.bin) or a hub name: gpt2, gpt2-medium,
+    gpt2-large, gpt2-xl (or owner/name), downloaded with huggingface_hub."""
+    d, config = _resolve(name_or_dir)
+    return config, from_hf_tensors(config, _read_weights(d), where=str(d))

@@ -91,5 +91,5 @@ def main(argv: list[str]) -> int:
     for i, row in enumerate(rows):
         if a.num_samples > 1:
             print(f"--- sample {i}")
-        print(a.prompt + tok.decode([t for t in row if t < config.vocab_size]))
+        print(a.prompt + tok.decode(row))
     return 0

@@ -292,7 +292,10 @@ def peek_config(init: str) -> ModelConfig:
         return read_model_header(p)[0]
     if p.is_dir() and ckpt.latest_step(p) is not None:
         return read_model_header(ckpt.model_path(p, ckpt.latest_step(p)))[0]
-    return load_init(init)[0]
+    if _is_hf(init, p):
+        from .hf import load_hf_config
+        return load_hf_config(init)
+    return load_init(init)[0]  # not a model: load_init raises the error that says so
 
 
 def load_init(init: str, seed: int = 1337, flag: str = "-e") -> tuple[ModelConfig, np.ndarray]:
@@ -307,12 +310,17 @@ def load_init(init: str, seed: int = 1337, flag: str = "-e") -> tuple[ModelConfi
         return read_model(p)
     if p.is_dir() and ckpt.latest_step(p) is not None:
         return read_model(ckpt.model_path(p, ckpt.latest_step(p)))
-    if init in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or \
-            (p.is_dir() and (p / "config.json").exists()):
+    if _is_hf(init, p):
         from .hf import load_hf
         return load_hf(init)
     raise LlmpyError(f"{flag}: {init!r} is not a model descriptor (d12, gpt3:c768, L=..,C=..,NH=..),"
                      f" an llm.c model file, a checkpoint dir or a Hugging Face GPT-2 dir/name")
+
+
+def _is_hf(init: str, p: Path) -> bool:
+    """-e names Hugging Face GPT-2 weights: a hub name or a directory with config.json."""
+    return init in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or \
+        (p.is_dir() and (p / "config.json").exists())
 
 
 def engine_options(rc: RunConfig, engine: str, device: str) -> dict:

@@ -152,3 +152,14 @@ def test_export_hf_cli(tmp_path):
     assert main(["export", "hf", str(tmp_path / "m.bin"), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert main(["export", "hf", str(tmp_path / "missing.bin"), str(tmp_path / "x")]) == 2
+
+
+def test_training_reads_only_the_config_to_check_flags(hf_dir, tmp_path):
+    """`-e HF_DIR`: the flag checks before allocation read config.json, not the weights."""
+    import shutil
+    from llmpy.hf import load_hf
+    from llmpy.train import peek_config
+    d = tmp_path / "config_only"
+    d.mkdir()
+    shutil.copy(hf_dir[0] / "config.json", d / "config.json")
+    assert peek_config(str(d)) == load_hf(hf_dir[0])[0]
