@@ -354,7 +354,7 @@ def test_kv_cache_decode_matches_full_forward(dtype, tol):
 
 def test_interface_checks():
     cfg = SMALL
-    eng = make_engine("numpy", cfg, seed=1337, device="cpu")    # unknown options are ignored
+    eng = make_engine("numpy", cfg, seed=1337, device="cpu")    # the CPU is its one device
     assert isinstance(eng, NumpyEngine)
     assert eng.name == "numpy" and eng.param_dtype == "fp32"
     assert eng.get_params().dtype == np.float32 and eng.get_params().shape == (cfg.num_params,)
@@ -366,3 +366,50 @@ def test_interface_checks():
     with pytest.raises(LlmpyError):
         eng.set_params(np.zeros(3, dtype=np.float32))
     assert eng.logits(make_batch(cfg, 2, 3)[0]).shape == (2, 3, cfg.vocab_size)
+
+
+def test_unknown_options_raise():
+    """A misspelled or foreign option names itself instead of being silently ignored."""
+    with pytest.raises(TypeError, match="sede"):
+        NumpyEngine(SMALL, sede=1)
+    with pytest.raises(TypeError, match="compile"):
+        make_engine("numpy", SMALL, seed=1, compile=True)    # a torch engine option
+    with pytest.raises(LlmpyError, match="CPU only"):
+        NumpyEngine(SMALL, device="cuda")
+    for device in (None, "auto", "cpu"):
+        assert NumpyEngine(SMALL, device=device).distributed is False
+
+
+# ----------------------------------------------------------------------------------------------
+# token_losses: the cross-entropy at every position, for evals
+
+def test_token_losses(monkeypatch):
+    """Per-position losses equal torch's cross-entropy and average to forward's loss; a
+    training forward/backward around the call is unaffected."""
+    import llmpy.engines.numpy as engine_module
+    monkeypatch.setattr(engine_module, "LOSS_ROWS", 7)   # 3 x 15 rows: chunks and a tail
+    cfg = SMALL
+    inputs, targets = make_batch(cfg, 3, 15)
+    flat = random_params(cfg)
+    eng = NumpyEngine(cfg, dtype=np.float64)
+    eng.set_params(flat)
+    tlogits, _ = torch_gpt2(t64(flat, grad=False), cfg, torch.tensor(inputs))
+    ref = F.cross_entropy(tlogits.reshape(-1, cfg.vocab_size),
+                          torch.tensor(targets).reshape(-1), reduction="none")
+    eng.zero_grad()
+    loss = eng.forward(inputs, targets)
+    losses = eng.token_losses(*make_batch(cfg, 2, 9, seed=5))  # between forward and backward
+    assert losses.shape == (2, 9) and losses.dtype == np.float32
+    losses = eng.token_losses(inputs, targets)
+    assert losses.shape == (3, 15) and losses.dtype == np.float32
+    assert rel_err(losses.reshape(-1), ref) < 1e-6             # float32 out
+    assert abs(float(losses.astype(np.float64).mean()) - loss) < 1e-6
+    eng.backward()
+    after = eng.get_grads()
+    eng.zero_grad()
+    eng.forward(inputs, targets), eng.backward()
+    assert np.array_equal(after, eng.get_grads())
+    with pytest.raises(LlmpyError, match="shape"):
+        eng.token_losses(inputs, targets[:, :-1])
+    with pytest.raises(LlmpyError, match="targets"):
+        eng.token_losses(inputs, np.full_like(targets, cfg.vocab_size))
