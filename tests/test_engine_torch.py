@@ -217,6 +217,66 @@ def test_bad_input_is_an_llmpy_error():
         e.backward()
 
 
+@pytest.mark.parametrize("dtype", ["fp64", "bf16"])
+def test_token_losses_are_the_forwards_losses_per_position(dtype):
+    """token_losses is the training forward's cross-entropy before the mean. fp64: equal to
+    the loss up to summation order; bf16: the same autocast forward, so the same up to fp32
+    summation order too."""
+    e = engine(dtype)
+    x, y = batch(4)
+    tl = e.token_losses(x, y)
+    assert tl.shape == (B, T) and tl.dtype == np.float32
+    assert abs(tl.astype(np.float64).mean() - e.forward(x, y)) < 1e-6
+    if dtype == "fp64":  # against the cross-entropy of the returned (float32) logits
+        lg = e.logits(x).astype(np.float64)
+        lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+        ref = lse - np.take_along_axis(lg, y[..., None], -1)[..., 0]
+        assert np.abs(tl - ref).max() < 1e-5
+    with pytest.raises(LlmpyError, match="targets shape"):
+        e.token_losses(x, y[:, :-1])
+
+
+def test_options_are_explicit_keywords():
+    """An option the engine does not have is a TypeError, never silently ignored."""
+    from llmpy.engines import make_engine
+    with pytest.raises(TypeError, match="compiled"):
+        make_engine("torch", SMALL, device="cpu", compiled=True)
+    with pytest.raises(TypeError):
+        TorchEngine(SMALL, 1337)  # seed and the rest by keyword only
+    assert engine().distributed
+
+
+def test_resolve_device_errors_name_the_engine_and_what_it_takes(monkeypatch):
+    from llmpy.engines.torch_common import resolve_device
+    assert resolve_device("cpu", "torch") == torch.device("cpu")
+    assert resolve_device(None, "torch").type in ("cuda", "mps", "cpu")
+    with pytest.raises(LlmpyError, match="expected cuda, mps, cpu or cuda:N, got 'tpu'"):
+        resolve_device("tpu", "torch")
+    with pytest.raises(LlmpyError, match="torch engine: --device meta: expected cuda or mps"):
+        resolve_device("meta", "torch")
+    if torch.cuda.is_available():
+        with pytest.raises(LlmpyError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}", "torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LlmpyError, match="x engine: needs a cuda device.*; try y"):
+        resolve_device("auto", "x", types=("cuda",), hint="try y")
+    with pytest.raises(LlmpyError, match="sees no CUDA device; use --device cpu"):
+        TorchEngine(SMALL, device="cuda")
+
+
+def test_kv_cache_stores_and_returns_the_prefix():
+    from llmpy.engines.torch_common import KVCache
+    cache = KVCache(SMALL, 2, torch.bfloat16, "cpu")
+    assert cache.k.shape == (SMALL.num_layers, 2, SMALL.num_heads, SMALL.max_seq_len,
+                             SMALL.head_size) and cache.k.dtype == torch.bfloat16
+    k = torch.randn(2, SMALL.num_heads, 3, SMALL.head_size)
+    cache.update(1, 0, k, -k)
+    keys, values = cache.update(1, 3, k[:, :, :1], k[:, :, :1])
+    assert keys.shape == (2, SMALL.num_heads, 4, SMALL.head_size)
+    assert torch.equal(keys[:, :, :3], k.bfloat16()) and torch.equal(values[:, :, :3], -k.bfloat16())
+    assert not cache.k[0].any()
+
+
 def test_make_engine_builds_it():
     from llmpy.engines import make_engine
     e = make_engine("torch", SMALL, seed=1337, device="cpu")
@@ -232,3 +292,20 @@ def test_bench_gpu_train_smoke_on_cpu(capsys):
                      "--total-batch", "128", "--steps", "2", "--warmup", "1", "--no-compile"])
     out = capsys.readouterr().out
     assert rc == 0 and "torch" in out and "tokens/s" in out
+
+
+def test_compile_turns_off_inductors_mix_order_reduction():
+    """Issue 14's root cause: Inductor's mix-order reduction drops the writes of the stacked
+    layernorm weight gradients on CUDA (pytorch/pytorch#193061); a compiled engine turns it
+    off before anything is compiled. The GPU side is tests/test_gpu_train_configs.py."""
+    from torch._inductor import config as inductor_config
+    if not hasattr(inductor_config.triton, "mix_order_reduction"):
+        pytest.skip("this torch has no mix-order reduction")
+    before = inductor_config.triton.mix_order_reduction
+    inductor_config.triton.mix_order_reduction = True
+    try:
+        TorchEngine(ModelConfig(max_seq_len=8, vocab_size=64, num_layers=1, num_heads=2,
+                                channels=16), device="cpu", compile=True)
+        assert inductor_config.triton.mix_order_reduction is False
+    finally:
+        inductor_config.triton.mix_order_reduction = before

@@ -199,6 +199,53 @@ def test_kv_cache_decode_matches_full_logits():
         assert rel(e.decode(x[:, t]), full[:, t]) < BF16
 
 
+def test_inference_runs_the_training_forwards_layers():
+    """token_losses goes through the training forward's layer sequence and kernels, so its
+    losses are the training forward's per-token losses bit for bit (same N: the same matmul
+    shapes). Inference between a forward and its backward changes no gradient bit."""
+    x, y = batch(5)
+    x2, y2 = batch(6)  # another batch of the same shape, for the in-between calls
+    N = B * T
+    a, b = engine(), engine()
+    loss = a.forward(x, y)
+    trained = a.acts.losses[:N].cpu().numpy().reshape(B, T)
+    tl = a.token_losses(x, y)
+    assert tl.shape == (B, T) and tl.dtype == np.float32
+    assert np.array_equal(tl, trained)
+    assert abs(tl.astype(np.float64).mean() - loss) < 1e-6 * loss  # fp32 summation order
+    a.token_losses(x2, y2)
+    a.logits(x2)
+    a.prefill(x2[:, :5])
+    a.decode(x2[:, 5])
+    a.backward()
+    b.forward(x, y)
+    b.backward()
+    assert np.array_equal(a.get_grads(), b.get_grads())
+    assert math.isnan(a.forward(x[:2]))  # without targets: the inference buffers, any B
+
+
+def test_options_are_explicit_keywords():
+    """No flag that silently does nothing: an unknown or removed option (llm.c's -ge has no
+    counterpart here) is a TypeError, not ignored."""
+    from llmpy.engines import make_engine
+    with pytest.raises(TypeError, match="gelu_fusion"):
+        engine(gelu_fusion=1)
+    with pytest.raises(TypeError, match="recompte"):
+        make_engine("triton", SMALL, device=DEV, recompte=2)
+    with pytest.raises(TypeError):
+        TritonEngine(SMALL, 1337)  # seed and the rest by keyword only
+    e = make_engine("triton", SMALL, device=DEV, verbose=False)
+    assert e.distributed and e.name == "triton" and e.param_dtype == "bf16"
+
+
+def test_cpu_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(LlmpyError, match="TRITON_INTERPRET=1"):
+        TritonEngine(SMALL, device="cpu", verbose=False)
+    with pytest.raises(LlmpyError, match="expected cuda"):
+        TritonEngine(SMALL, device="mps", verbose=False)
+
+
 def test_bad_input_raises_llmpy_error():
     e = engine()
     with pytest.raises(LlmpyError, match="outside"):
@@ -262,6 +309,7 @@ def test_kill_and_resume_on_gpu_is_bit_exact(tmp_path):
     relaunched, logs the same losses and writes the same model and state as a run that was
     never interrupted."""
     from llmpy import checkpoint as ckpt
+    from llmpy.formats import read_state
     from llmpy.formats import write_shard
     d = tmp_path / "data"
     d.mkdir()
@@ -301,6 +349,6 @@ def test_kill_and_resume_on_gpu_is_bit_exact(tmp_path):
     assert [la[s] for s in range(2 * k)] == [lb[s] for s in range(2 * k)]
     for name in (f"model_{2 * k:08d}.bin",):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    sa, sb = (ckpt.load(tmp_path / r, 2 * k)["state"] for r in ("a", "b"))
+    sa, sb = (read_state(ckpt.state_path(tmp_path / r, 2 * k, 0)) for r in ("a", "b"))
     for key in ("m", "v", "master"):
         assert np.array_equal(sa[key], sb[key]), key

@@ -25,50 +25,12 @@ import torch.nn.functional as F
 from ..config import DECAYED, PARAM_NAMES, ModelConfig
 from ..errors import LlmpyError
 from ..init import init_params
+from .torch_common import KVCache, resolve_device
 
 LN_EPS = 1e-5
 # The 12 per-layer tensors, in file order: each is (L, ...) and unbound into L slices.
 LAYER_NAMES = PARAM_NAMES[2:14]
 DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """"cuda", "mps", "cpu", "cuda:1" ..., or None / "auto" for the best available one."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LlmpyError(f"--device: expected cpu, cuda, cuda:N or mps, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LlmpyError(f"--device {device}: this torch has no CUDA device "
-                         f"(torch {torch.__version__}); use --device cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                  and torch.backends.mps.is_available()):
-        raise LlmpyError(f"--device {device}: MPS is not available here; use --device cpu")
-    return dev
-
-
-class KVCache:
-    """Keys and values of every layer for positions 0..maxT-1: (L, B, NH, maxT, HS) each."""
-
-    def __init__(self, config: ModelConfig, B: int, dtype, device):
-        shape = (config.num_layers, B, config.num_heads, config.max_seq_len, config.head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, NH, maxT, HS)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, NH, maxT, HS)
-
-    def update(self, layer: int, pos: int, k, v):
-        """Store k, v (B, NH, T, HS) at positions pos..pos+T-1; return keys and values of
-        positions 0..pos+T-1, (B, NH, pos+T, HS) each."""
-        T = k.size(2)
-        self.k[layer, :, :, pos:pos + T] = k
-        self.v[layer, :, :, pos:pos + T] = v
-        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
 
 
 class GPT(nn.Module):
@@ -82,13 +44,14 @@ class GPT(nn.Module):
             # nn.Parameter shares the storage of the view, so the flat buffer stays the truth.
             self.register_parameter(name, nn.Parameter(flat[a:b].view(shapes[name])))
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T), the mean loss instead."""
+    def forward(self, idx, targets=None, reduction: str = "mean"):
+        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T), the mean loss instead
+        (reduction="none": the loss at every position, (B*T,))."""
         logits = self.head(self.hidden(idx))  # (B, T, V)
         if targets is None:
             return logits
         # flatten(0, 1) of the sliced logits is still a view: rows of stride Vp, no copy.
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
 
     def head(self, x):
         """Tied output head: x (..., C) -> logits (..., V); the padded rows of wte drop out."""
@@ -126,6 +89,19 @@ class GPT(nn.Module):
         return F.linear(y, attprojw, attprojb)                                    # (B, T, C)
 
 
+def _avoid_mix_order_reduction() -> None:
+    """Turn off Inductor's mix-order reduction (on by default since torch 2.10). It fuses a
+    layernorm backward's row and column reductions into one kernel, and when the column sums
+    (dweight, dbias) are views into one shared buffer, as the (L, C) stacked ln1w/ln1b/ln2w/
+    ln2b gradients of this model are, the generated code writes them to a fresh tensor and
+    never into the buffer: those gradients come back as uninitialized or stale memory once
+    B*T reaches about 16K tokens on CUDA (pytorch/pytorch#193061; d12 at B=16, T=1024 gave a
+    step-0 grad norm of 127,114 instead of 20.9). Older torch has no such option."""
+    from torch._inductor import config as inductor_config
+    if hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
+
+
 class TorchEngine:
     """The engine interface of llmpy.engines over `GPT`.
 
@@ -137,13 +113,14 @@ class TorchEngine:
 
     name = "torch"
     param_dtype = "fp32"
+    distributed = True  # flat, flat_grad and step(shard=...): llmpy.dist can drive it
 
-    def __init__(self, config: ModelConfig, seed: int = 1337, device: str | None = None,
+    def __init__(self, config: ModelConfig, *, seed: int = 1337, device: str | None = None,
                  dtype: str = "fp32", compile: bool = False, fused: bool = True):
         if dtype not in DTYPES:
             raise LlmpyError(f"torch engine: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = config
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "torch")
         if dtype == "fp64" and self.device.type == "mps":
             raise LlmpyError("torch engine: MPS has no float64; use dtype fp32 or --device cpu")
         self.dtype = dtype
@@ -177,6 +154,8 @@ class TorchEngine:
                 "step": torch.zeros((), dtype=torch.float32, device=step_device),
                 "exp_avg": views["m"][name], "exp_avg_sq": views["v"][name]}
 
+        if compile:
+            _avoid_mix_order_reduction()
         self._forward = torch.compile(self.model) if compile else self.model
         self._loss = None      # the last forward's loss tensor, kept for backward
         self._cache = None     # KVCache of prefill/decode
@@ -288,6 +267,18 @@ class TorchEngine:
         return logits.float().cpu().numpy()
 
     @torch.no_grad()
+    def token_losses(self, inputs, targets) -> np.ndarray:
+        """Cross-entropy at every position (B, T) float32: the training forward's loss
+        before its mean, so no (B, T, V) logits leave the device."""
+        idx, tgt = self._tokens(inputs), self._tokens(targets)
+        if tgt.shape != idx.shape:
+            raise LlmpyError(f"torch engine: targets shape {tuple(tgt.shape)} != inputs shape "
+                             f"{tuple(idx.shape)}")
+        with self._autocast():
+            losses = self._forward(idx, tgt, reduction="none")  # (B*T,)
+        return losses.float().view(idx.shape).cpu().numpy()
+
+    @torch.no_grad()
     def prefill(self, inputs) -> np.ndarray:
         idx = self._tokens(inputs)  # (B, T0)
         B, T0 = idx.shape
@@ -309,9 +300,9 @@ class TorchEngine:
             raise LlmpyError(f"torch engine: decode at position {self._pos} would pass maxT "
                              f"{self.config.max_seq_len}; prefill a shorter context")
         idx = self._tokens(tokens, ndim=1)[:, None]              # (B, 1)
-        if idx.size(0) != self._cache.k.size(1):
+        if idx.size(0) != self._cache.B:
             raise LlmpyError(f"torch engine: decode got {idx.size(0)} rows, prefill had "
-                             f"{self._cache.k.size(1)}")
+                             f"{self._cache.B}")
         with self._autocast():
             x = self.model.hidden(idx, self._cache, self._pos)   # (B, 1, C)
             logits = self.model.head(x[:, 0])                    # (B, V)

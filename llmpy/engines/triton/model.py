@@ -40,6 +40,7 @@ from ...init import init_params
 from . import attention as att
 from .adamw import adamw_update
 from .classifier import fused_classifier
+from ..torch_common import KVCache, resolve_device
 from .common import interpreting
 from .encoder import bucket_plan, encoder_backward, encoder_forward
 from .gelu import gelu_backward, gelu_backward_rows_per_prog, gelu_forward
@@ -50,53 +51,25 @@ LAYER_NAMES = PARAM_NAMES[2:14]
 HEAD_CHUNK = 8192  # rows of (rows, Vp) logits at a time in token_losses
 
 
-def resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LlmpyError(f"--device: expected cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LlmpyError(f"triton engine: --device {device} but this torch "
-                         f"({torch.__version__}) sees no CUDA device; use --engine numpy or torch")
-    if dev.type == "cpu" and not interpreting():
-        raise LlmpyError("triton engine: needs a CUDA device (on the CPU it runs only for tests, "
-                         "with TRITON_INTERPRET=1 set before triton is imported); use --engine "
-                         "numpy or torch")
-    if dev.type not in ("cuda", "cpu"):
-        raise LlmpyError(f"triton engine: --device {device}: expected cuda")
-    return dev
-
-
-class KVCache:
-    """Keys and values of every layer for positions 0..maxT-1: (L, B, NH, maxT, HS) each."""
-
-    def __init__(self, config: ModelConfig, B: int, device):
-        shape = (config.num_layers, B, config.num_heads, config.max_seq_len, config.head_size)
-        self.k = torch.zeros(shape, dtype=torch.bfloat16, device=device)
-        self.v = torch.zeros(shape, dtype=torch.bfloat16, device=device)
-
-    def update(self, layer: int, pos: int, k, v):
-        T = k.size(2)
-        self.k[layer, :, :, pos:pos + T] = k
-        self.v[layer, :, :, pos:pos + T] = v
-        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
-
-
 class Activations:
     """The forward's saved tensors and the backward's scratch, for one (B, T).
 
     Per layer, llm.c's ActivationTensors: ln1, qkv, atty, residual2, ln2, fch, fch_gelu,
-    residual3 (bf16) and the layernorms' mean and rstd (fp32). ln1/ln2 (recompute 2) and
-    fch_gelu (recompute >= 1) keep one layer's worth only. atty and the attention's
-    logsumexp are allocated by torch's attention kernels at every forward."""
+    residual3 (bf16) and the layernorms' mean and rstd (fp32). Each is a list of L views,
+    layer l's buffer being `a.qkv[l]`, into fewer slots where fewer are kept: ln1/ln2 keep one
+    layer's worth with recompute 2, fch_gelu with recompute >= 1. atty and the attention's
+    logsumexp are allocated by torch's attention kernels at every forward.
 
-    def __init__(self, config: ModelConfig, B: int, T: int, recompute: int, device):
-        L, C, Vp, NH = config.num_layers, config.channels, config.padded_vocab_size, \
-            config.num_heads
+    training=False: the inference forward's buffers. Nothing is kept for a backward, so
+    every per-layer list holds one slot, ln1, ln2 and lnf share one buffer, and the encoder
+    writes into residual3's (read by layer 0 before that layer overwrites it)."""
+
+    def __init__(self, config: ModelConfig, B: int, T: int, recompute: int, device,
+                 training: bool = True):
+        L, C, Vp = config.num_layers, config.channels, config.padded_vocab_size
         N = B * T
         self.B, self.T, self.N = B, T, N
+        self.training = training
         bf, f32 = torch.bfloat16, torch.float32
         self.owned = []  # every buffer allocated here (for the memory report)
 
@@ -104,44 +77,57 @@ class Activations:
             t = torch.empty(shape, dtype=dtype, device=device)
             self.owned.append(t)
             return t
-        Lln = 1 if recompute >= 2 else L
-        Lg = 1 if recompute >= 1 else L
-        self.encoded = buf(N, C)                         # (N, C)
-        self.ln1 = buf(Lln, N, C)                        # (L, N, C) or (1, N, C)
-        self.ln1_mean, self.ln1_rstd = buf(L, N, dtype=f32), buf(L, N, dtype=f32)
-        self.qkv = buf(L, N, 3 * C)                      # (L, N, 3C)
-        self.residual2 = buf(L, N, C)                    # (L, N, C)
-        self.ln2 = buf(Lln, N, C)                        # (L, N, C) or (1, N, C)
-        self.ln2_mean, self.ln2_rstd = buf(L, N, dtype=f32), buf(L, N, dtype=f32)
-        self.fch = buf(L, N, 4 * C)                      # (L, N, 4C) pre-GELU
-        self.fch_gelu = buf(Lg, N, 4 * C)                # (L, N, 4C) or (1, N, 4C)
-        self.residual3 = buf(L, N, C)                    # (L, N, C)
-        self.lnf = buf(N, C)                             # (N, C)
-        self.lnf_mean, self.lnf_rstd = buf(N, dtype=f32), buf(N, dtype=f32)
-        self.logits = buf(N, Vp)                         # (N, Vp), becomes dlogits
-        self.losses = buf(N + 1, dtype=f32)              # (N,) and the sum
-        self.atty = [None] * L                           # L x (B, T, C) views
+
+        def per_layer(slots, *shape, dtype=bf):
+            """L views into `slots` buffers of `shape`: layer l gets slot l % slots."""
+            t = buf(slots, *shape, dtype=dtype)
+            views = [t[s] for s in range(slots)]
+            return [views[l % slots] for l in range(L)]
+        keep = L if training else 1                          # layers the backward reads
+        Lln = 1 if recompute >= 2 or not training else L
+        Lg = 1 if recompute >= 1 or not training else L
+        self.ln1 = per_layer(Lln, N, C)                      # L x (N, C)
+        self.ln1_mean, self.ln1_rstd = per_layer(keep, N, dtype=f32), per_layer(keep, N, dtype=f32)
+        self.qkv = per_layer(keep, N, 3 * C)                 # L x (N, 3C)
+        self.residual2 = per_layer(keep, N, C)               # L x (N, C)
+        self.fch = per_layer(keep, N, 4 * C)                 # L x (N, 4C) pre-GELU
+        self.fch_gelu = per_layer(Lg, N, 4 * C)              # L x (N, 4C)
+        self.residual3 = per_layer(keep, N, C)               # L x (N, C)
+        self.proj = buf(N, C)                                # (N, C) attproj / fcproj output
+        self.atty = [None] * L                               # L x (N, C) views
         self.att_saved = [None] * L
-        # backward scratch (proj is also the forward's attproj / fcproj output)
-        self.proj = buf(N, C)                            # (N, C)
-        self.dresidual = buf(N, C)                       # (N, C)
+        if not training:
+            self.ln2, self.ln2_mean, self.ln2_rstd = self.ln1, self.ln1_mean, self.ln1_rstd
+            self.lnf, self.lnf_mean, self.lnf_rstd = self.ln1[0], self.ln1_mean[0], \
+                self.ln1_rstd[0]
+            self.encoded = self.residual3[0]                 # (N, C)
+            return
+        self.encoded = buf(N, C)                             # (N, C)
+        self.ln2 = per_layer(Lln, N, C)                      # L x (N, C)
+        self.ln2_mean, self.ln2_rstd = per_layer(L, N, dtype=f32), per_layer(L, N, dtype=f32)
+        self.lnf = buf(N, C)                                 # (N, C)
+        self.lnf_mean, self.lnf_rstd = buf(N, dtype=f32), buf(N, dtype=f32)
+        self.logits = buf(N, Vp)                             # (N, Vp), becomes dlogits
+        self.losses = buf(N + 1, dtype=f32)                  # (N,) and the sum
+        # backward scratch (proj too)
+        self.dresidual = buf(N, C)                           # (N, C)
         # with GELU recomputed, its (N, 4C) buffer takes dfch_gelu once fcprojw's gradient
         # has read it
         self.dbt4c = self.fch_gelu[0] if recompute >= 1 else buf(N, 4 * C)
-        self.dqkv = buf(N, 3 * C)                        # (N, 3C)
+        self.dqkv = buf(N, 3 * C)                            # (N, 3C)
         P = max(3 * C * -(-N // layernorm_backward_rows_per_prog(N)),
                 4 * C * -(-N // gelu_backward_rows_per_prog(N)),
                 3 * C * att.pack_heads_partials(B, T))
-        self.partial = buf(P, dtype=f32)                 # per-block partial sums
+        self.partial = buf(P, dtype=f32)                     # per-block partial sums
         self.sumsq = buf(2048, dtype=f32)
         # token ids, targets and the encoder backward's plan (at most 5N + 1 entries), copied
         # to the device in one transfer from a pinned host buffer
         self.host = torch.empty(7 * N + 1, dtype=torch.int32,
                                 pin_memory=torch.device(device).type == "cuda")
         self.ids = buf(7 * N + 1, dtype=torch.int32)
-        self.inputs = self.ids[:N].view(B, T)            # (B, T)
-        self.targets = self.ids[N:2 * N]                 # (N,)
-        self.plan = None                                 # view of ids
+        self.inputs = self.ids[:N].view(B, T)                # (B, T)
+        self.targets = self.ids[N:2 * N]                     # (N,)
+        self.plan = None                                     # view of ids
         self.plan_counts = None
 
     def nbytes(self) -> int:
@@ -151,26 +137,30 @@ class Activations:
 class TritonEngine:
     """The engine interface of llmpy.engines, llm.c's CUDA trainer in Python.
 
-    recompute: -r (0, 1, 2). master_weights: -w (keep fp32 master weights). gelu_fusion:
-    -ge, accepted for llm.c's flags; torch exposes cuBLASLt's GELU epilogue but not its
-    GELU_AUX variant that keeps the pre-activation for the backward, so GELU stays a
-    separate kernel. attention: "auto" (cuDNN if it passes a check against math attention on
-    this GPU, else flash), "cudnn", "flash".
+    recompute: -r (0, 1, 2). master_weights: -w (keep fp32 master weights). attention:
+    "auto" (cuDNN if it passes a check against math attention on this GPU, else flash),
+    "cudnn", "flash". GELU is always its own kernel: torch exposes cuBLASLt's GELU epilogue
+    but not the GELU_AUX variant that keeps the pre-activation for the backward, so llm.c's
+    -ge has no counterpart here.
     """
 
     name = "triton"
     param_dtype = "bf16"
+    distributed = True  # flat, flat_grad and step(shard=...): llmpy.dist can drive it
 
-    def __init__(self, config: ModelConfig, seed: int = 1337, device=None, recompute: int = 1,
-                 master_weights: bool = True, gelu_fusion: int = 0, attention: str = "auto",
+    def __init__(self, config: ModelConfig, *, seed: int = 1337, device=None,
+                 recompute: int = 1, master_weights: bool = True, attention: str = "auto",
                  verbose: bool = True):
         if recompute not in (0, 1, 2):
             raise LlmpyError(f"triton engine: recompute (-r) must be 0, 1 or 2, got {recompute}")
         self.config = config
-        self.device = resolve_device(device)
+        # on the CPU only under Triton's interpreter, for tests
+        self.device = resolve_device(
+            device, "triton", ("cuda", "cpu") if interpreting() else ("cuda",),
+            hint="on the CPU it runs only for tests, with TRITON_INTERPRET=1 set before triton "
+                 "is imported; use --engine numpy or torch")
         self.seed = int(seed)
         self.recompute = int(recompute)
-        self.gelu_fusion = int(gelu_fusion)
         self.verbose = verbose
         self.attention = att.Attention(self._pick_attention(attention))
 
@@ -287,7 +277,7 @@ class TritonEngine:
         # encoder backward, then one asynchronous copy of ids, targets and plan
         plan, counts = bucket_plan(x)
         a = self._ensure_acts(B, T)
-        N, C, L, NH = a.N, cfg.channels, cfg.num_layers, cfg.num_heads
+        N, L = a.N, cfg.num_layers
         p = self.p
         n_ids = 2 * N + plan.size
         host = a.host.numpy()
@@ -298,36 +288,66 @@ class TritonEngine:
         a.plan, a.plan_counts = a.ids[2 * N:n_ids], counts
         a.atty = [None] * L
         a.att_saved = [None] * L
-        lnl = (lambda l: 0) if self.recompute >= 2 else (lambda l: l)
-        gl = (lambda l: 0) if self.recompute >= 1 else (lambda l: l)
-
-        encoder_forward(a.inputs, p["wte"], p["wpe"], a.encoded.view(B, T, C))
-        layernorm_forward(a.encoded, p["ln1w"][0], p["ln1b"][0], a.ln1[0], a.ln1_mean[0],
-                          a.ln1_rstd[0])
-        for l in range(L):
-            residual = a.encoded if l == 0 else a.residual3[l - 1]         # (N, C)
-            torch.addmm(p["qkvb"][l], a.ln1[lnl(l)], p["qkvw"][l].t(), out=a.qkv[l])
-            y_att, a.att_saved[l] = self.attention.forward(a.qkv[l].view(B, T, 3 * C), NH)
-            a.atty[l] = y_att.reshape(N, C)                                # (N, C)
-            torch.addmm(p["attprojb"][l], a.atty[l], p["attprojw"][l].t(), out=a.proj)
-            layernorm_forward(residual, p["ln2w"][l], p["ln2b"][l], a.ln2[lnl(l)],
-                              a.ln2_mean[l], a.ln2_rstd[l], delta=a.proj, xsum=a.residual2[l])
-            torch.addmm(p["fcb"][l], a.ln2[lnl(l)], p["fcw"][l].t(), out=a.fch[l])
-            gelu_forward(a.fch[l], a.fch_gelu[gl(l)])
-            torch.addmm(p["fcprojb"][l], a.fch_gelu[gl(l)], p["fcprojw"][l].t(), out=a.proj)
-            if l + 1 < L:  # the next layer's ln1, fused with this residual add
-                layernorm_forward(a.residual2[l], p["ln1w"][l + 1], p["ln1b"][l + 1],
-                                  a.ln1[lnl(l + 1)], a.ln1_mean[l + 1], a.ln1_rstd[l + 1],
-                                  delta=a.proj, xsum=a.residual3[l])
-            else:
-                layernorm_forward(a.residual2[l], p["lnfw"], p["lnfb"], a.lnf, a.lnf_mean,
-                                  a.lnf_rstd, delta=a.proj, xsum=a.residual3[l])
+        self._transformer(a, a.inputs)                                     # a.lnf (N, C)
         torch.mm(a.lnf, p["wte"].t(), out=a.logits)                       # (N, Vp)
         # losses, and dlogits in place for a mean loss (backward scales by grad_scale)
         fused_classifier(a.logits, a.targets, a.losses[:N], cfg.vocab_size, 1.0 / N)
         total_loss = total(a.losses[:N], a.losses[N:])
         self._pending = True
         return float(total_loss.item()) / N
+
+    def _transformer(self, a: Activations, idx: torch.Tensor, pos: int = 0,
+                     cache: KVCache | None = None) -> torch.Tensor:
+        """The layer sequence, written once for training and inference: token ids (B, T) on
+        the device, at positions pos..pos+T-1 -> a.lnf (N, C), the final layernorm's output.
+        Every op writes into `a`: the training buffers keep what the backward reads, the
+        inference ones (training=False) are overwritten layer after layer."""
+        cfg, p = self.config, self.p
+        B, T = idx.shape
+        C, L = cfg.channels, cfg.num_layers
+        encoder_forward(idx, p["wte"], p["wpe"], a.encoded.view(B, T, C), pos)
+        layernorm_forward(a.encoded, p["ln1w"][0], p["ln1b"][0], a.ln1[0], a.ln1_mean[0],
+                          a.ln1_rstd[0])
+        for l in range(L):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]         # (N, C)
+            torch.addmm(p["qkvb"][l], a.ln1[l], p["qkvw"][l].t(), out=a.qkv[l])
+            atty = self._attention(a, l, a.qkv[l].view(B, T, 3 * C), pos, cache)  # (N, C)
+            torch.addmm(p["attprojb"][l], atty, p["attprojw"][l].t(), out=a.proj)
+            layernorm_forward(residual, p["ln2w"][l], p["ln2b"][l], a.ln2[l],
+                              a.ln2_mean[l], a.ln2_rstd[l], delta=a.proj, xsum=a.residual2[l])
+            torch.addmm(p["fcb"][l], a.ln2[l], p["fcw"][l].t(), out=a.fch[l])
+            gelu_forward(a.fch[l], a.fch_gelu[l])
+            torch.addmm(p["fcprojb"][l], a.fch_gelu[l], p["fcprojw"][l].t(), out=a.proj)
+            if l + 1 < L:  # the next layer's ln1, fused with this residual add
+                layernorm_forward(a.residual2[l], p["ln1w"][l + 1], p["ln1b"][l + 1],
+                                  a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1],
+                                  delta=a.proj, xsum=a.residual3[l])
+            else:
+                layernorm_forward(a.residual2[l], p["lnfw"], p["lnfb"], a.lnf, a.lnf_mean,
+                                  a.lnf_rstd, delta=a.proj, xsum=a.residual3[l])
+        return a.lnf
+
+    def _attention(self, a: Activations, l: int, qkv: torch.Tensor, pos: int,
+                   cache: KVCache | None) -> torch.Tensor:
+        """Layer l's causal attention: qkv (B, T, 3C) -> (N, C). From position 0 (training,
+        logits, prefill) the engine's kernels of attention.py, the training buffers keeping
+        what their backward needs, a cache the keys and values; one new token at pos > 0
+        (decode) attends over the cached positions 0..pos with SDPA."""
+        B, T, C3 = qkv.shape
+        NH = self.config.num_heads
+        if pos == 0:
+            y, saved = self.attention.forward(qkv, NH)
+            y = y.reshape(B * T, C3 // 3)                                  # (N, C), a view
+            if a.training:
+                a.atty[l], a.att_saved[l] = y, saved
+            if cache is not None:
+                _, k, v = att.split_qkv(qkv, NH)                           # (B, NH, T, HS)
+                cache.update(l, 0, k, v)
+            return y
+        q, k, v = att.split_qkv(qkv, NH)                                   # (B, NH, 1, HS)
+        k, v = cache.update(l, pos, k, v)                                  # (B, NH, pos+1, HS)
+        y = F.scaled_dot_product_attention(q, k, v)                        # (B, NH, 1, HS)
+        return y.transpose(1, 2).reshape(B * T, C3 // 3)                   # (N, C)
 
     # ------------------------------------------------------------------------------------
     # backward
@@ -341,7 +361,6 @@ class TritonEngine:
         B, T, N = a.B, a.T, a.N
         C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
         gs = float(grad_scale)
-        lnl = (lambda l: 0) if self.recompute >= 2 else (lambda l: l)
         dres, dbtc = a.dresidual, a.proj                                   # (N, C) each
 
         def ln_backward(dout, x, w, mean, rstd, dw, db, dbias, accumulate=True):
@@ -361,15 +380,14 @@ class TritonEngine:
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             # MLP: fcproj, GELU, fc, ln2
             if self.recompute >= 1:
-                gelu_forward(a.fch[l], a.fch_gelu[0])
-            fch_gelu = a.fch_gelu[0 if self.recompute >= 1 else l]         # (N, 4C)
-            g["fcprojw"][l].addmm_(dres.t(), fch_gelu)                     # (C, 4C)
+                gelu_forward(a.fch[l], a.fch_gelu[l])
+            g["fcprojw"][l].addmm_(dres.t(), a.fch_gelu[l])                # (C, 4C)
             torch.mm(dres, p["fcprojw"][l], out=a.dbt4c)                   # (N, 4C)
             add_partials(gelu_backward(a.dbt4c, a.fch[l], a.partial), g["fcb"][l])
             if self.recompute >= 2:
-                layernorm_forward(a.residual2[l], p["ln2w"][l], p["ln2b"][l], a.ln2[0],
+                layernorm_forward(a.residual2[l], p["ln2w"][l], p["ln2b"][l], a.ln2[l],
                                   a.ln2_mean[l], a.ln2_rstd[l])
-            g["fcw"][l].addmm_(a.dbt4c.t(), a.ln2[lnl(l)])                 # (4C, C)
+            g["fcw"][l].addmm_(a.dbt4c.t(), a.ln2[l])                      # (4C, C)
             torch.mm(a.dbt4c, p["fcw"][l], out=dbtc)                       # (N, C)
             ln_backward(dbtc, a.residual2[l], p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l],
                         g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])
@@ -383,9 +401,9 @@ class TritonEngine:
             add_partials(part, g["qkvb"][l])
             a.atty[l] = a.att_saved[l] = None
             if self.recompute >= 2:
-                layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l], a.ln1[0],
+                layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l], a.ln1[l],
                                   a.ln1_mean[l], a.ln1_rstd[l])
-            g["qkvw"][l].addmm_(a.dqkv.t(), a.ln1[lnl(l)])                 # (3C, C)
+            g["qkvw"][l].addmm_(a.dqkv.t(), a.ln1[l])                      # (3C, C)
             torch.mm(a.dqkv, p["qkvw"][l], out=dbtc)                       # (N, C)
             ln_backward(dbtc, residual, p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l],
                         g["ln1w"][l], g["ln1b"][l], g["fcprojb"][l - 1] if l > 0 else None)
@@ -439,33 +457,11 @@ class TritonEngine:
     # inference: fresh buffers, the training buffers are left alone
 
     def _hidden(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None):
-        """Token ids (B, T) at positions pos.. -> lnf output (B*T, C) bf16."""
-        cfg, p = self.config, self.p
+        """Token ids (B, T) on the device at positions pos.. -> lnf output (B*T, C) bf16,
+        through the training forward's layers in fresh buffers."""
         B, T = idx.shape
-        N, C, L, NH = B * T, cfg.channels, cfg.num_layers, cfg.num_heads
-
-        def buf(*shape, dtype=torch.bfloat16):
-            return torch.empty(shape, dtype=dtype, device=self.device)
-        x, x2, h, proj = buf(N, C), buf(N, C), buf(N, C), buf(N, C)
-        qkv, fch, fg = buf(N, 3 * C), buf(N, 4 * C), buf(N, 4 * C)
-        mean, rstd = buf(N, dtype=torch.float32), buf(N, dtype=torch.float32)
-        encoder_forward(idx, p["wte"], p["wpe"], x.view(B, T, C), pos)
-        layernorm_forward(x, p["ln1w"][0], p["ln1b"][0], h, mean, rstd)
-        for l in range(L):
-            torch.addmm(p["qkvb"][l], h, p["qkvw"][l].t(), out=qkv)
-            q, k, v = att.split_qkv(qkv.view(B, T, 3 * C), NH)           # (B, NH, T, HS)
-            if cache is not None:
-                k, v = cache.update(l, pos, k, v)                         # (B, NH, pos+T, HS)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=(pos == 0))
-            y = y.transpose(1, 2).reshape(N, C)                           # (N, C)
-            torch.addmm(p["attprojb"][l], y, p["attprojw"][l].t(), out=proj)
-            layernorm_forward(x, p["ln2w"][l], p["ln2b"][l], h, mean, rstd, delta=proj, xsum=x2)
-            torch.addmm(p["fcb"][l], h, p["fcw"][l].t(), out=fch)
-            gelu_forward(fch, fg)
-            torch.addmm(p["fcprojb"][l], fg, p["fcprojw"][l].t(), out=proj)
-            w, b = (p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L else (p["lnfw"], p["lnfb"])
-            layernorm_forward(x2, w, b, h, mean, rstd, delta=proj, xsum=x)
-        return h
+        a = Activations(self.config, B, T, 0, self.device, training=False)
+        return self._transformer(a, idx, pos, cache)
 
     @torch.no_grad()
     def logits(self, inputs) -> np.ndarray:
@@ -500,7 +496,7 @@ class TritonEngine:
         B, T0 = x.shape
         if T0 < 1:
             raise LlmpyError("triton engine: prefill needs at least one token per row")
-        self._cache = KVCache(self.config, B, self.device)
+        self._cache = KVCache(self.config, B, torch.bfloat16, self.device)
         h = self._hidden(self._to_device(x), 0, self._cache)
         self._pos = T0
         return self._head_last(h.view(B, T0, -1)[:, -1])
@@ -513,9 +509,9 @@ class TritonEngine:
             raise LlmpyError(f"triton engine: decode at position {self._pos} would pass maxT "
                              f"{self.config.max_seq_len}; prefill a shorter context")
         x = self._tokens(np.asarray(tokens).reshape(-1, 1), "tokens")      # (B, 1)
-        if x.shape[0] != self._cache.k.size(1):
+        if x.shape[0] != self._cache.B:
             raise LlmpyError(f"triton engine: decode got {x.shape[0]} rows, prefill had "
-                             f"{self._cache.k.size(1)}")
+                             f"{self._cache.B}")
         h = self._hidden(self._to_device(x), self._pos, self._cache)      # (B, C)
         self._pos += 1
         return self._head_last(h)
