@@ -67,7 +67,10 @@ def save_state(out_dir, step: int, engine, *, rank: int = 0, nproc: int = 1,
     formats.write_state(
         state_path(out_dir, step, rank), step=step, m=opt["m"][sl], v=opt["v"][sl],
         master=None if master is None else master[sl], nproc=nproc, rank=rank,
-        shard_idx=int(ls.get("shard_idx", 0)), sample_idx=int(ls.get("sample_idx", 0)),
+        shard_idx=int(ls.get("shard_idx", 0)),
+        # llm.c's header holds the last sample drawn (size_t -1 before the first of a shard);
+        # our loader state holds the next one
+        sample_idx=(int(ls.get("sample_idx", 0)) - 1) % 2**64,
         extra={"loader": ls, **(extra or {})})
 
 
@@ -75,15 +78,9 @@ def mark_done(out_dir, step: int) -> None:
     formats.atomic_write(done_path(out_dir, step), [b""])
 
 
-def load(out_dir, step: int, rank: int = 0) -> dict:
-    """Read a complete checkpoint: model (config, params) and this rank's state."""
-    config, params = formats.read_model(model_path(out_dir, step))
-    state = formats.read_state(state_path(out_dir, step, rank))
-    return {"config": config, "params": params, "state": state}
-
-
 def load_for(out_dir, step: int, rank: int, world: int) -> dict:
-    """Like `load`, for a run of `world` processes whatever the saved run's process count and
+    """A complete checkpoint (model config and params, and this rank's optimizer state) for a
+    run of `world` processes, whatever the saved run's process count and
     ZeRO stage: sharded (ZeRO-1) m, v and master weights are gathered from every saved rank's
     file into full arrays (each rank then uses its own slice), so a run can resume on a
     different number of GPUs (llm.c cannot)."""

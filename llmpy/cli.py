@@ -23,7 +23,7 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: llmpy <command> [args]   (llmpy <command> -h for its flags)", "",
+    lines = ["usage: llmpy <command> [args]   (llmpy <command> --help for its flags)", "",
              "commands:"]
     lines += [f"  {name:8s} {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)

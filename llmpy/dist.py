@@ -13,13 +13,15 @@ gradients are reduce-scattered instead, each rank updates its 1/world shard of t
 parameters with its own shard of AdamW m, v (and master weights), and the parameters are
 all-gathered. Every decision that changes which collectives run (skip an update, stop on a
 NaN) is agreed across ranks first (`agree_any`), so no rank waits alone in a collective.
-Model code knows nothing of this: engines expose `flat` and `flat_grad` (torch tensors) and,
-for ZeRO-1, `step_slice`.
+Model code knows nothing of this: engines that can run in several processes (the
+`distributed` attribute of the engine contract, llmpy.engines) expose `flat` and `flat_grad`
+(torch tensors) and, for ZeRO-1, `step(..., shard=(start, end))`; `GradSync` below drives them.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -202,3 +204,40 @@ def init(rc, device: str) -> Dist:
     tdist.init_process_group(backend=backend, init_method=init_method(rc, launcher, rank),
                              rank=rank, world_size=world, timeout=TIMEOUT)
     return Dist(rank=rank, world=world, local_rank=local, backend=backend)
+
+
+class GradSync:
+    """Gradients across ranks, and the AdamW step: whole (ZeRO-0: all-reduce, every rank
+    updates every parameter) or sharded (ZeRO-1: reduce-scatter, each rank updates its
+    1/world slice of the flat parameters and AdamW state, then all-gather). One process: the
+    engine's own grad_norm and step, untouched."""
+
+    def __init__(self, engine, dist: Dist, zero: int):
+        self.engine, self.dist = engine, dist
+        self.shard = None
+        if dist.world > 1:
+            if not engine.distributed:
+                raise LlmpyError(f"--engine {engine.name}: runs in one process only; use "
+                                 f"--engine torch or triton for multi-process training")
+            if zero:
+                self.shard = dist.shard_range(engine.config.num_params)
+
+    def reduce(self) -> float:
+        """Average the gradients over ranks; return the global gradient norm."""
+        if self.dist.world == 1:
+            return self.engine.grad_norm()
+        grad = self.engine.flat_grad
+        if self.shard is None:
+            self.dist.all_reduce_avg_(grad)
+            return self.engine.grad_norm()
+        import torch
+        mine = self.dist.reduce_scatter_avg_(grad)
+        sq = torch.linalg.vector_norm(mine, dtype=torch.float32).item() ** 2
+        return math.sqrt(self.dist.sum(sq))
+
+    def step(self, lr: float, t: int, **hyper) -> None:
+        if self.shard is None:
+            self.engine.step(lr, t, **hyper)
+            return
+        self.engine.step(lr, t, shard=self.shard, **hyper)
+        self.dist.all_gather_(self.engine.flat)

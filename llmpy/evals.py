@@ -22,15 +22,8 @@ from .errors import LlmpyError
 
 
 def token_losses(engine, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Cross-entropy at every position, (B, T) float32."""
-    if hasattr(engine, "token_losses"):
-        return np.asarray(engine.token_losses(inputs, targets), dtype=np.float32)
-    logits = np.asarray(engine.logits(inputs), dtype=np.float32)  # (B, T, V)
-    top = logits.max(axis=-1, keepdims=True)                       # (B, T, 1)
-    picked = np.take_along_axis(logits, targets[..., None].astype(np.int64), axis=-1)
-    # log-sum-exp with one (B, T, V) temporary, summed in float64
-    logz = np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64)) + top[..., 0]
-    return (logz - picked[..., 0]).astype(np.float32)  # (B, T)
+    """Cross-entropy at every position, (B, T) float32 (the engine contract's token_losses)."""
+    return np.asarray(engine.token_losses(inputs, targets), dtype=np.float32)
 
 
 def multiple_choice_scores(engine, loader, progress: bool = False,
@@ -68,11 +61,20 @@ def hellaswag_counts(engine, loader, progress: bool = False) -> tuple[int, int]:
     return correct, total
 
 
-def _default_eval_path(task: str):
+def val_loss(engine, loader, num_batches: int) -> float:
+    """Mean loss over the first `num_batches` batches of a token-shard loader (reset first)."""
+    loader.reset()
+    total = 0.0
+    for _ in range(num_batches):
+        x, y = loader.next_batch()
+        total += engine.forward(x, y)
+    return total / num_batches
+
+
+def default_eval_path(task: str):
     """Where `llmpy data hellaswag|mmlu` writes by default (and training looks for -h 1)."""
     from .data import cache_dir
-    from .train import _default_hellaswag_path
-    return _default_hellaswag_path() if task == "hellaswag" else cache_dir("mmlu") / "mmlu_test.bin"
+    return cache_dir(task) / ("hellaswag_val.bin" if task == "hellaswag" else "mmlu_test.bin")
 
 
 def main(argv: list[str]) -> int:
@@ -81,8 +83,7 @@ def main(argv: list[str]) -> int:
     from pathlib import Path
 
     from .data.loader import DistributedDataLoader, EvalLoader
-    from .engines import make_engine
-    from .train import load_init, pick_engine_and_device
+    from .models import build_engine
 
     p = argparse.ArgumentParser(prog="llmpy eval", description=main.__doc__)
     p.add_argument("task", choices=["hellaswag", "mmlu", "val"])
@@ -100,14 +101,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     if a.task != "val":
-        path = a.file or str(_default_eval_path(a.task))
+        path = a.file or str(default_eval_path(a.task))
         if not Path(path).is_file():  # checked before the model is loaded
             raise LlmpyError(f"{a.task}: no eval file {path} (build it with `llmpy data "
                              f"{a.task}`, or pass --file)")
-    config, params = load_init(a.model)
-    engine_name, device = pick_engine_and_device(a.engine, a.device)
-    engine = make_engine(engine_name, config, device=device)
-    engine.set_params(params)
+    engine, _ = build_engine(a.model, a.engine, a.device, flag="MODEL")
+    config = engine.config
     if a.task != "val":
         default_T = min(512, config.max_seq_len) if a.task == "hellaswag" else config.max_seq_len
         T = a.seq_len or default_T

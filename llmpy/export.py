@@ -23,30 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, from_descriptor, is_descriptor
+from .config import ModelConfig
 from .errors import LlmpyError
 
 # llm.c's test_gpt2 training recipe for the 10 steps on one batch.
 GOLDEN_RECIPE = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
                  "grad_clip": 1.0}
 MODEL_FILE, DEBUG_FILE, GOLDEN_FILE = "model.bin", "debug_state.bin", "golden.json"
-
-
-def load_model_arg(spec: str, seed: int = 1337) -> tuple[ModelConfig, np.ndarray]:
-    """--model: an llm.c model file, a Hugging Face directory or hub name, or a descriptor."""
-    from .hf import HF_MODELS, load_hf
-    p = Path(spec)
-    if p.is_file():
-        from .formats import read_model
-        return read_model(p)
-    if p.is_dir() or spec in HF_MODELS:
-        return load_hf(spec)
-    if is_descriptor(spec):
-        from .init import init_params
-        config = from_descriptor(spec)
-        return config, init_params(config, seed)
-    raise LlmpyError(f"--model {spec!r}: not a file, not a directory, not one of "
-                     f"{', '.join(HF_MODELS)} and not a descriptor (d12, L=2,C=64,NH=4,...)")
 
 
 def batch_from_shard(path, config: ModelConfig, B: int, T: int, fold_vocab: bool = False):
@@ -106,7 +89,8 @@ def write_golden(outdir, config: ModelConfig, params: np.ndarray, x, y, steps: i
 
 
 def _debug_state(args) -> int:
-    config, params = load_model_arg(args.model, args.seed)
+    from .models import load_model
+    config, params = load_model(args.model, args.seed, flag="--model")
     if args.batch < 1 or args.seq_len < 1 or args.steps < 0:
         raise LlmpyError(f"-b {args.batch} -t {args.seq_len} --steps {args.steps}: B and T "
                          f"must be positive, steps >= 0")
@@ -123,17 +107,11 @@ def _debug_state(args) -> int:
 
 
 def _hf(args) -> int:
-    from . import checkpoint as ckpt
     from .hf import export_hf
-    path = Path(args.checkpoint)
-    if path.is_dir() and ckpt.latest_step(path) is not None:
-        path = ckpt.model_path(path, ckpt.latest_step(path))  # an output dir: its newest
-    if not path.is_file():
-        raise LlmpyError(f"export hf: checkpoint {args.checkpoint!r} is not a model file or an "
-                         f"output dir with a complete checkpoint; expected an llm.c model .bin "
-                         f"(e.g. out/model_00001000.bin) or an output dir")
-    out = export_hf(str(path), args.outdir)
-    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    from .models import load_model, resolve
+    where = resolve(args.model, flag="MODEL")[1]
+    out = export_hf(load_model(args.model, flag="MODEL"), args.outdir)
+    print(f"read {where}; wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
     return 0
 
@@ -157,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="map token ids into the model's vocabulary (id %% V), for tiny test vocabularies")
     ds.set_defaults(func=_debug_state)
     hf = sub.add_parser("hf", help="Hugging Face GPT2LMHeadModel directory from an llm.c model")
-    hf.add_argument("checkpoint", help="llm.c model file (.bin, fp32 v3 or bf16 v5)")
+    hf.add_argument("model", help="model spec as for `llmpy train -e`: an output dir (its newest "
+                    "checkpoint), an llm.c model file (.bin), a descriptor or HF weights")
     hf.add_argument("outdir", help="output directory")
     hf.set_defaults(func=_hf)
     return ap

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -252,12 +253,26 @@ def _download(name: str) -> Path:
     return d
 
 
+def is_hub_name(name: str) -> bool:
+    """gpt2, gpt2-medium, gpt2-large, gpt2-xl, or owner/name (a model repo on the hub)."""
+    return name in HF_MODELS or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def is_hf_spec(spec: str) -> bool:
+    """A Hugging Face GPT-2: a directory with config.json, or a hub name (is_hub_name) that
+    is not a local path and not an llm.c file name."""
+    p = Path(spec)
+    if p.is_dir():
+        return (p / "config.json").is_file()
+    return not p.exists() and not spec.endswith(".bin") and is_hub_name(spec)
+
+
 def _resolve(name_or_dir) -> tuple[Path, ModelConfig]:
     """A local directory or hub name -> (its directory, the ModelConfig of its config.json)."""
     d = Path(name_or_dir)
     if not d.is_dir():
         name = str(name_or_dir)
-        if name not in HF_MODELS and name.count("/") != 1:
+        if not is_hub_name(name):
             raise LlmpyError(f"Hugging Face model {name!r}: not a directory and not one of "
                              f"{', '.join(HF_MODELS)} (or owner/name on the hub)")
         d = _download(name)

@@ -60,11 +60,21 @@ def generate(engine, prompt: list[int], max_new_tokens: int, *, temperature: flo
     return out.tolist()
 
 
+def sample_text(engine, prompt: str, gen_tokens: int, temperature: float = 1.0,
+                top_k: int = 0, seed: int = 1337) -> str:
+    """The prompt (empty: start from EOT) and `gen_tokens` sampled tokens after it, as text."""
+    from .tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    ids = tok.encode(prompt) if prompt else [EOT]
+    row = generate(engine, ids, gen_tokens, temperature=temperature, top_k=top_k or None,
+                   seed=seed)[0]
+    return prompt + tok.decode(row)
+
+
 def main(argv: list[str]) -> int:
     """`llmpy sample CHECKPOINT [--prompt TEXT] [-g N] ...`: print generated text."""
-    from .engines import make_engine
+    from .models import build_engine
     from .tokenizer import get_tokenizer
-    from .train import load_init, pick_engine_and_device
 
     p = argparse.ArgumentParser(prog="llmpy sample", description=main.__doc__)
     p.add_argument("checkpoint", help="model .bin (llm.c format), an output dir (newest "
@@ -80,10 +90,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.gen_tokens < 1:
         raise LlmpyError(f"-g/--gen-tokens: expected >= 1, got {a.gen_tokens}")
-    config, params = load_init(a.checkpoint, flag="checkpoint")
-    engine_name, device = pick_engine_and_device(a.engine, a.device)
-    engine = make_engine(engine_name, config, device=device)
-    engine.set_params(params)
+    engine, _ = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
     tok = get_tokenizer()
     prompt = tok.encode(a.prompt) if a.prompt else [EOT]
     rows = generate(engine, prompt, a.gen_tokens, temperature=a.temperature,

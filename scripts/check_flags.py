@@ -2,7 +2,7 @@
 
     python scripts/check_flags.py [--nproc N] [--need-resume] -- TRAIN_FLAGS...
 
-Parses the flags with llmpy.train.parse_args and runs llmpy.train.validate (the checks the
+Parses the flags with llmpy.settings.parse_args and runs llmpy.settings.validate (the checks the
 trainer itself makes before allocating anything), then the ones the trainer only makes once
 data and devices exist: the model descriptor, -t against the model's maxT, and -d against
 B*T*N for N processes. Data files need not exist. Prints the resolved plan as a table and,
@@ -24,7 +24,8 @@ if (ROOT / "llmpy").is_dir() and str(ROOT) not in sys.path:
 from llmpy.checkpoint import done_path  # noqa: E402
 from llmpy.config import from_descriptor, is_descriptor  # noqa: E402
 from llmpy.errors import LlmpyError  # noqa: E402
-from llmpy.train import parse_args, print_table, validate  # noqa: E402
+from llmpy.logger import print_table  # noqa: E402
+from llmpy.settings import parse_args, validate  # noqa: E402
 
 
 HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

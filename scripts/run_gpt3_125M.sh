@@ -21,6 +21,6 @@ ensure_eval_file hellaswag "$HELLASWAG"
 train_until_done \
     -i "$DATA/fineweb_train_*.bin" -j "$DATA/fineweb_val_*.bin" -o "$OUT_DIR" \
     -e gpt3:c768 -b 32 -t 2048 -d 524288 -x 572204 \
-    -l 0.0006 -u 700 -q 0.1 -c 0.1 -r 0 -z 1 -ge 1 -sl 7.0 -sg 7.0 \
+    -l 0.0006 -u 700 -q 0.1 -c 0.1 -r 0 -z 1 -sl 7.0 -sg 7.0 \
     -v 250 -m 20 -s 20000 -g 144 -h 1 --hellaswag-file "$HELLASWAG" \
     -n 10000 -nk 5 -nm 50000 -y 1

@@ -22,7 +22,8 @@ def main():
     rank = int(os.environ.get("RANK", "0"))
 
     import llmpy.engines as engines
-    from llmpy.train import parse_args, train
+    from llmpy.settings import parse_args
+    from llmpy.train import train
     real = engines.make_engine
     made = []
 

@@ -122,7 +122,7 @@ def test_nan_on_one_rank_is_agreed(shards, tmp_path):
 
 def test_launcher_detection(monkeypatch):
     from llmpy.dist import detect, init_method
-    from llmpy.train import RunConfig
+    from llmpy.settings import RunConfig
     for k in list(os.environ):
         if k.startswith(("OMPI_", "PMI_", "SLURM_", "MPI_")) or k in ("RANK", "WORLD_SIZE",
                                                                        "LOCAL_RANK"):

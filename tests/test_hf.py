@@ -158,7 +158,7 @@ def test_training_reads_only_the_config_to_check_flags(hf_dir, tmp_path):
     """`-e HF_DIR`: the flag checks before allocation read config.json, not the weights."""
     import shutil
     from llmpy.hf import load_hf
-    from llmpy.train import peek_config
+    from llmpy.models import peek_config
     d = tmp_path / "config_only"
     d.mkdir()
     shutil.copy(hf_dir[0] / "config.json", d / "config.json")

@@ -219,3 +219,19 @@ def test_eval_bad_batch_size(tmp_path):
     write_eval(tmp_path / "eval.bin", make_examples(2))
     with pytest.raises(LlmpyError, match="multiple of 4"):
         EvalLoader(tmp_path / "eval.bin", B=6, T=16)
+
+
+def test_resume_llmc_position_is_the_sample_after_the_last_drawn(tmp_path):
+    """llm.c's state header holds the last sample drawn (size_t -1 when none of the shard):
+    the next batch is the one after it, across a shard boundary too."""
+    make_shards(tmp_path)
+    ref = DistributedDataLoader(tmp_path / "*.bin", 2, 5)
+    seq = [ref.next_batch()[0] for _ in range(sum(ref.shard_samples) + 1)]
+    n0 = ref.shard_samples[0]
+    for shard_idx, sample_idx, expect in [(0, 0, 1), (0, n0 - 1, n0), (1, 2**64 - 1, n0),
+                                          (1, 0, n0 + 1)]:
+        dl = DistributedDataLoader(tmp_path / "*.bin", 2, 5)
+        dl.resume_llmc(shard_idx, sample_idx)
+        assert np.array_equal(dl.next_batch()[0], seq[expect])
+    with pytest.raises(LlmpyError, match="sample index"):
+        DistributedDataLoader(tmp_path / "*.bin", 2, 5).resume_llmc(0, n0)

@@ -12,7 +12,7 @@ import pytest
 from llmpy import plot
 from llmpy.cli import main as cli_main
 from llmpy.errors import LlmpyError
-from llmpy.train import Logger
+from llmpy.logger import Logger
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
 """scripts/: every run script passes its dry run (flags parse and validate through
-llmpy.train.parse_args/validate), carries llm.c's recipe, and the resume loop resumes."""
+llmpy.settings.parse_args/validate), carries llm.c's recipe, and the resume loop resumes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llmpy.formats import write_shard
-from llmpy.train import parse_args
+from llmpy.settings import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -35,11 +35,11 @@ RECIPES = {
                              checkpoint_every=4000),
     "run_gpt2_1558M.sh": dict(init="d48", batch_size=16, seq_len=1024, total_batch=1048576,
                               max_steps=32000, lr=6e-4, final_lr_frac=0.1, warmup=700,
-                              checkpoint_every=2000, gelu_fusion=1, gen_tokens=384),
+                              checkpoint_every=2000, gen_tokens=384),
     "run_gpt3_125M.sh": dict(init="gpt3:c768", batch_size=32, seq_len=2048, total_batch=524288,
                              max_steps=572204, lr=6e-4, final_lr_frac=0.1, warmup=700,
                              checkpoint_every=10000, keep_last=5, major_every=50000,
-                             skip_loss_z=7.0, skip_norm_z=7.0, gelu_fusion=1),
+                             skip_loss_z=7.0, skip_norm_z=7.0),
 }
 LAUNCHERS = {sys.executable, "torchrun", "mpirun", "srun"}
 COMMON = dict(weight_decay=0.1, recompute=0, zero=1, val_every=250, hellaswag=1, resume=1)

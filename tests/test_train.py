@@ -13,9 +13,11 @@ import pytest
 
 from llmpy import checkpoint as ckpt
 from llmpy.cli import main as cli_main
-from llmpy.formats import read_model, write_shard
+from llmpy.formats import read_model, read_state, write_shard
 from llmpy.schedulers import get_lr
-from llmpy.train import OutlierDetector, parse_args, train
+from llmpy.outlier_detector import OutlierDetector
+from llmpy.settings import parse_args
+from llmpy.train import train
 
 # A tiny model with a small vocab so each step takes milliseconds.
 MODEL = "L=2,C=32,NH=2,T=32,V=512"
@@ -70,9 +72,12 @@ def train_losses(out):
 
 def test_schedules_match_formulas():
     lr, warm, total, frac = 1.0, 10, 110, 0.1
-    for kind in ("cosine", "linear", "constant", "wsd"):
+    for kind in ("cosine", "linear", "wsd"):
         assert get_lr(kind, 0, lr, warm, total, frac) == pytest.approx(0.1)
         assert get_lr(kind, 4, lr, warm, total, frac) == pytest.approx(0.5)
+    # llm.c's constant scheduler has no warmup (LLMC_FACTS.md: only cosine, linear, wsd warm up)
+    assert get_lr("constant", 0, lr, warm, total, frac) == 1.0
+    assert get_lr("constant", 4, lr, warm, total, frac) == 1.0
     # cosine: halfway through the decay sits halfway between lr and min_lr
     assert get_lr("cosine", 60, lr, warm, total, frac) == pytest.approx(0.55)
     assert get_lr("cosine", 10, lr, warm, total, frac) == pytest.approx(1.0)
@@ -187,9 +192,33 @@ def test_kill_and_resume_is_bit_exact(shards, tmp_path, engine):
     ma = (tmp_path / "a" / f"model_{2 * k:08d}.bin").read_bytes()
     mb = (tmp_path / "b" / f"model_{2 * k:08d}.bin").read_bytes()
     assert ma == mb
-    sa = ckpt.load(tmp_path / "a", 2 * k)["state"]
-    sb = ckpt.load(tmp_path / "b", 2 * k)["state"]
+    sa = read_state(ckpt.state_path(tmp_path / "a", 2 * k, 0))
+    sb = read_state(ckpt.state_path(tmp_path / "b", 2 * k, 0))
     assert np.array_equal(sa["m"], sb["m"]) and np.array_equal(sa["v"], sb["v"])
+
+
+def test_resume_of_an_llmc_state_file_continues_its_data(shards, tmp_path):
+    """A state file as llm.c writes it (no llm.py JSON after the body): the data continue at
+    the shard and sample in its header, so the resumed steps equal an uninterrupted run's."""
+    from llmpy.formats import write_state
+    k = 4
+    ra = run_cli(base_args(shards, tmp_path / "a", steps=2 * k,
+                           extra=["-n", str(k), "--shuffle", "0"]))
+    assert ra.returncode == 0, ra.stderr
+    b = tmp_path / "b"
+    b.mkdir()
+    for name in (f"model_{k:08d}.bin", f"DONE_{k:08d}"):
+        (b / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    st = read_state(ckpt.state_path(tmp_path / "a", k, 0))
+    assert st["sample_idx"] == 2 * k - 1  # the last sample drawn (2 micro-batches a step)
+    write_state(ckpt.state_path(b, k, 0), step=k, m=st["m"], v=st["v"], master=st["master"],
+                shard_idx=st["shard_idx"], sample_idx=st["sample_idx"])
+    assert read_state(ckpt.state_path(b, k, 0))["extra"] is None
+    rb = run_cli(base_args(shards, b, steps=2 * k, extra=["-n", str(k), "--shuffle", "0",
+                                                         "-y", "1"]))
+    assert rb.returncode == 0, rb.stderr
+    la, lb = train_losses(tmp_path / "a"), train_losses(b)
+    assert [la[s] for s in range(k, 2 * k)] == [lb[s] for s in range(k, 2 * k)]
 
 
 def test_crash_while_checkpointing_resumes_from_previous(shards, tmp_path):
@@ -270,6 +299,15 @@ def test_overfit_single_batch(shards, tmp_path):
     s = train(*parse_args(base_args(shards, tmp_path / "o", steps=20,
                                     extra=["-a", "1", "-l", "1e-2", "-v", "0"])))
     assert s["losses"][19] < 0.5 * s["losses"][0]
+
+
+def test_overfit_trains_on_the_first_val_batch(shards, tmp_path):
+    """llm.c's -a 1 sets the train pattern to the val pattern, unshuffled: the loss of step 0
+    is the val loss of the first val batch, exactly (same parameters, same tokens)."""
+    s = train(*parse_args(base_args(shards, tmp_path / "o", steps=3,
+                                    extra=["-a", "1", "-v", "3", "-m", "1"])))
+    assert s["losses"][0] == s["val_losses"][0]
+    assert s["losses"][1] != s["losses"][0]  # it trains
 
 
 def test_main_job_smoke(tmp_path):

@@ -157,7 +157,11 @@ class DistributedDataLoader:
                 "seed": self.seed, "num_shards": self.num_shards}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state_dict()` was taken (any rank's state will do)."""
+        """Continue exactly where `state_dict()` was taken (any rank's state will do). A state
+        saved with another process count keeps its epoch and shard, and maps the sample index
+        by tokens consumed (exact without shuffling; with shuffling the rest of that shard is
+        drawn in this run's order)."""
+        state = self._rescaled(state)
         mine = self.state_dict()
         for key in ("B", "T", "world", "shuffle", "seed", "num_shards"):
             if key in state and int(state[key]) != mine[key]:
@@ -178,6 +182,42 @@ class DistributedDataLoader:
             raise LlmpyError(f"data loader resume: sample_idx {sample_idx} out of range for "
                              f"{self.files[shard]} ({self.shard_samples[shard]} samples)")
         self._seek(epoch, shard_idx, sample_idx)
+
+    def resume_llmc(self, shard_idx: int, sample_idx: int) -> None:
+        """Continue after the position in an llm.c state file's header (its loader keeps the
+        index of the last sample it drew, in shard `shard_idx`): the next batch is sample
+        sample_idx + 1 of that shard, or the start of the next shard. Exact without
+        shuffling; with shuffling the shard and sample orders are this loader's, not llm.c's
+        mt19937 ones."""
+        if not 0 <= shard_idx < self.num_shards:
+            raise LlmpyError(f"llm.c state resume: shard index {shard_idx} out of range for "
+                             f"{self.num_shards} shards of {self.pattern}")
+        self._seek(0, shard_idx, 0)
+        n = len(self._samples)
+        if sample_idx == 2**64 - 1:  # llm.c's (size_t) -1: nothing drawn from this shard yet
+            sample_idx = -1
+        if not -1 <= sample_idx < n:
+            raise LlmpyError(f"llm.c state resume: sample index {sample_idx} out of range for "
+                             f"shard {shard_idx} ({n} samples of {self.sample_tokens} tokens)")
+        self.sample_idx = sample_idx
+        self._advance()
+
+    def _rescaled(self, state: dict) -> dict:
+        if int(state.get("world", self.world)) == self.world:
+            return state
+        try:
+            old_tokens = (int(state["sample_idx"]) * int(state["world"]) * int(state["B"]) *
+                          int(state["T"]))
+            epoch, shard_idx = int(state["epoch"]), int(state["shard_idx"])
+        except (KeyError, TypeError, ValueError):
+            raise LlmpyError(f"data loader resume: state needs integer epoch, shard_idx, "
+                             f"sample_idx, world, B and T, got {state!r}") from None
+        if epoch < 0 or not 0 <= shard_idx < self.num_shards:
+            raise LlmpyError(f"data loader resume: epoch {epoch}, shard_idx {shard_idx} out of "
+                             f"range for {self.num_shards} shards")
+        shard = int(self.shard_order(epoch)[shard_idx])
+        sample_idx = min(old_tokens // self.sample_tokens, self.shard_samples[shard] - 1)
+        return dict(state, world=self.world, B=self.B, T=self.T, sample_idx=sample_idx)
 
     def permutations(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(shard order, sample order of the current shard) as int32, for llm.c's state
