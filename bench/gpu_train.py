@@ -44,6 +44,10 @@ from llmpy.errors import LlmpyError  # noqa: E402
 # |first loss - first engine's first loss| allowed between engines: bf16 activations (and
 # bf16 parameters in the triton engine) move the loss at init by ~1e-2 at most.
 AGREE_TOL = 0.05
+# relative difference of the first step's grad norm allowed between engines: bf16 moves it by a
+# few percent (tests/test_gpu_train_configs.py); wrong gradients move it by far more (issue
+# 14: the compiled torch engine's layernorm gradients were garbage while its loss agreed).
+NORM_AGREE = 0.10
 # |first loss - ln V| allowed at init: GPT-2's init gives logits of std ~0.02*sqrt(C).
 INIT_TOL = 1.0
 
@@ -145,8 +149,8 @@ def profile_engine(engine, batches, step0: int, args, sync, torch) -> str:
     return "\n".join(lines)
 
 
-def train_step(engine, batches, step: int, args) -> float:
-    """One optimizer step over the micro-batches; returns the mean loss."""
+def train_step(engine, batches, step: int, args) -> tuple[float, float]:
+    """One optimizer step over the micro-batches; returns the mean loss and the grad norm."""
     engine.zero_grad()
     total = 0.0
     for x, y in batches:
@@ -154,7 +158,7 @@ def train_step(engine, batches, step: int, args) -> float:
         engine.backward(grad_scale=1.0 / len(batches))
     norm = engine.grad_norm()
     engine.step(args.lr, step + 1, args.weight_decay, grad_scale=min(1.0, 1.0 / norm))
-    return total / len(batches)
+    return total / len(batches), norm
 
 
 def run_engine(name: str, config, batches, args, sync, torch) -> dict:
@@ -168,13 +172,16 @@ def run_engine(name: str, config, batches, args, sync, torch) -> dict:
     if not math.isfinite(first_loss) or abs(first_loss - lnV) > INIT_TOL:
         raise SystemExit(f"{name}: first loss {first_loss:.4f} at init, expected finite and "
                          f"within {INIT_TOL} of ln(V) = {lnV:.4f}: not timing a broken engine")
+    first_norm = None
     for step in range(args.warmup):
-        train_step(engine, batches, step, args)  # includes torch.compile's compilation
+        _, norm = train_step(engine, batches, step, args)  # includes torch.compile's compilation
+        first_norm = first_norm if first_norm is not None else norm
     sync()
     times = []
     for step in range(args.warmup, args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss = train_step(engine, batches, step, args)
+        loss, norm = train_step(engine, batches, step, args)
+        first_norm = first_norm if first_norm is not None else norm
         sync()
         times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
@@ -187,7 +194,8 @@ def run_engine(name: str, config, batches, args, sync, torch) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return {"engine": name, "first_loss": first_loss, "last_loss": loss,
+    return {"engine": name, "first_loss": first_loss, "first_norm": first_norm,
+            "last_loss": loss,
             "ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "peak": peak,
             "breakdown": breakdown}
 
@@ -238,6 +246,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"{name}: first loss {r['first_loss']:.4f} disagrees with "
                              f"{results[0]['engine']}'s {results[0]['first_loss']:.4f} "
                              f"(tolerance {AGREE_TOL}): not comparing timings")
+        if results and abs(r["first_norm"] - results[0]["first_norm"]) > \
+                NORM_AGREE * results[0]["first_norm"]:
+            raise SystemExit(f"{name}: grad norm of the first step {r['first_norm']:.4f} "
+                             f"disagrees with {results[0]['engine']}'s "
+                             f"{results[0]['first_norm']:.4f} (relative tolerance "
+                             f"{NORM_AGREE}): its gradients are wrong; not comparing timings")
         results.append(r)
         print(f"{name}: {r['ms']:.1f} ms/step (min {r['min_ms']:.1f}), peak "
               f"{r['peak'] / 1e9:.2f} GB, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
