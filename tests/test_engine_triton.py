@@ -167,6 +167,20 @@ def test_state_round_trip_continues_bit_exactly():
     assert np.array_equal(a.get_params(), b.get_params())
 
 
+def test_resume_keeps_the_model_files_bf16_parameters():
+    """A checkpoint's bf16 parameters are taken from its model file as written, not re-rounded
+    from the state file's master weights (llm.c's model file holds its stochastically
+    rounded values, which round-to-nearest of the master would not reproduce)."""
+    a = engine()
+    file_params = a.get_params()  # bf16 values, as a v5 model file holds them
+    master = file_params + np.float32(3e-4) * np.sign(file_params)  # what SR rounded from
+    b = engine(seed=1337)
+    b.set_params(file_params)
+    b.set_optimizer_state(np.zeros_like(master), np.zeros_like(master), master)
+    assert np.array_equal(b.get_params(), file_params)
+    assert np.array_equal(b.get_optimizer_state()["master"], master)
+
+
 def test_sharded_steps_equal_the_full_step_bitwise():
     """ZeRO-1: AdamW over shards that cut through tensors (three uneven slices of the flat
     buffer) gives the same parameters, master weights and moments, bit for bit, as one full
