@@ -14,7 +14,9 @@ Mirrors save_state / load_state and the checkpoint section of llm.c's train_gpt2
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +76,17 @@ def save_state(out_dir, step: int, engine, *, rank: int = 0, nproc: int = 1,
         extra={"loader": ls, **(extra or {})})
 
 
-def mark_done(out_dir, step: int) -> None:
-    formats.atomic_write(done_path(out_dir, step), [b""])
+def mark_done(out_dir, step: int, run_id: str = "") -> None:
+    """DONE_%08d holds the id of the run that wrote the checkpoint (llm.c's is empty: it
+    only tests that the file exists)."""
+    formats.atomic_write(done_path(out_dir, step), [run_id.encode()])
+
+
+def done_run_id(out_dir, step: int) -> str:
+    try:
+        return done_path(out_dir, step).read_bytes()[:64].decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def load_for(out_dir, step: int, rank: int, world: int) -> dict:
@@ -113,13 +124,25 @@ def delete(out_dir, step: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def apply_retention(out_dir, keep_last: int, major_every: int) -> list[int]:
+def apply_retention(out_dir, keep_last: int, major_every: int,
+                    run_id: str | None = None) -> list[int]:
     """Delete all but the newest `keep_last` complete checkpoints, sparing majors (steps that
-    are a multiple of `major_every`). keep_last <= 0 keeps everything. Returns deleted steps."""
+    are a multiple of `major_every`). keep_last <= 0 keeps everything. With `run_id`, only
+    that run's checkpoints (DONE content) are counted and deleted: another run's (or llm.c's)
+    are never touched. Returns deleted steps."""
     if keep_last <= 0:
         return []
     steps = complete_steps(out_dir)
+    if run_id is not None:
+        steps = [s for s in steps if done_run_id(out_dir, s) == run_id]
     doomed = [s for s in steps[:-keep_last] if not (major_every > 0 and s % major_every == 0)]
     for s in doomed:
         delete(out_dir, s)
     return doomed
+
+
+def kill_point(where: str, step: int) -> None:
+    """Crash tests: LLMPY_TEST_KILL=in_checkpoint:STEP (after the model file, before the state
+    and DONE) or after_checkpoint:STEP sends this process a real SIGKILL there."""
+    if os.environ.get("LLMPY_TEST_KILL") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

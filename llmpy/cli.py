@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import LlmpyError, TrainingStopped
+from .errors import LlmpyError, Preempted, TrainingStopped
 
 COMMANDS = {
     "train": ("llmpy.train", "train a GPT (default: a small GPT on embedded tinyshakespeare)"),
@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except LlmpyError as e:
         print(f"llmpy {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"llmpy {cmd}: {e}", file=sys.stderr)
+        return e.code
+    except OSError as e:  # a full disk, a file where a dir should be, no permission, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"llmpy {cmd}: error: {where}{e.strerror or e} (files are written atomically: "
+              f"what was there before is intact; fix this and run again, -y 1 to resume)",
+              file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"llmpy {cmd}: stopped: {e}", file=sys.stderr)

@@ -23,3 +23,12 @@ class FormatError(LlmpyError):
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (a non-finite loss with --nan-policy stop): exit code 1."""
+
+
+class Preempted(Exception):
+    """Training stopped by SIGTERM or SIGINT after writing a checkpoint; `code` is the exit
+    code (143 or 130) and the message says how to resume."""
+
+    def __init__(self, msg: str, code: int):
+        self.code = code
+        super().__init__(msg)

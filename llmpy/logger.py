@@ -14,7 +14,8 @@ from pathlib import Path
 
 class Logger:
     """main.log and metrics.jsonl in `out_dir` ("" or enabled=False: nothing is written).
-    A resumed run appends; a fresh one starts the files anew."""
+    A resumed run (-y 1) appends; a fresh one starts the files anew (llmpy.run_dir has made
+    sure that they are not another run's)."""
 
     def __init__(self, out_dir: str, resume: bool, enabled: bool = True):
         self.enabled = bool(out_dir) and enabled

@@ -68,6 +68,8 @@ class RunConfig:
     top_k: int = 0
     temperature: float = 1.0
     hellaswag_file: str = ""
+    overwrite: int = 0
+    allow_changes: int = 0
 
 
 ATTENTION = ("auto", "cudnn", "flash", "math")
@@ -129,6 +131,10 @@ FLAGS = [
     (None, "--top-k", "top_k", int, "top-k when sampling (0 = off)"),
     (None, "--temperature", "temperature", float, "sampling temperature"),
     (None, "--hellaswag-file", "hellaswag_file", str, "HellaSwag eval file for -h 1"),
+    (None, "--overwrite", "overwrite", int, "1: a fresh run may replace the checkpoints and "
+     "logs of another run in -o (they are deleted first)"),
+    (None, "--allow-changes", "allow_changes", int, "1: -y 1 may resume with settings that "
+     "differ from the checkpoint's (-e, -b, -t, -d, -k, ...)"),
 ]
 
 # The main job (no -i): a small GPT on embedded tinyshakespeare, sized for the device.
@@ -204,7 +210,8 @@ def validate(rc: RunConfig) -> None:
          rc.gpu_log_every)
     for flag, name in (("-h", "hellaswag"), ("-a", "overfit"), ("-y", "resume"),
                        ("-w", "master_weights"), ("-ge", "gelu_fusion"), ("-f", "tf32"),
-                       ("--shuffle", "shuffle")):
+                       ("--shuffle", "shuffle"), ("--overwrite", "overwrite"),
+                       ("--allow-changes", "allow_changes")):
         need(getattr(rc, name) in (0, 1), flag, "0 or 1", getattr(rc, name))
     need(rc.checkpoint_every >= 0, "-n", ">= 0", rc.checkpoint_every)
     need(rc.keep_last >= 0, "-nk", ">= 0", rc.keep_last)

@@ -16,8 +16,6 @@ due, then (unless it is the last step) one optimizer step over -d tokens:
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +24,14 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ModelConfig
-from .errors import LlmpyError, TrainingStopped
+from .errors import LlmpyError, Preempted, TrainingStopped
 from .logger import Logger, print_table
 from .mfu import flops_per_token, peak_flops
 from .models import cuda_available, engine_options, load_model, peek_config, \
     pick_engine_and_device
 from .outlier_detector import OutlierDetector
+from .preempt import StopOnSignal
+from .run_dir import check_out_dir, check_resume, new_run_id, run_record
 from .schedulers import get_lr
 from .settings import RunConfig, parse_args, validate
 
@@ -65,6 +65,7 @@ class Run:
     overfit_batch: tuple | None = None
     step_times: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    run_id: str = ""              # this run's id: in its DONE markers and state files
 
 
 # ----------------------------------------------------------------------------------------
@@ -80,6 +81,7 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
     engine_name, device = pick_engine_and_device(rc.engine, rc.device)
     dist = init_dist(rc, device)
     try:
+        check_out_dir(rc, dist.master)
         run = setup(rc, dist, engine_name, device)
         return loop(run)
     finally:
@@ -98,9 +100,13 @@ def setup(rc: RunConfig, dist, engine_name: str, device: str) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = bool(rc.tf32)
         torch.backends.cudnn.allow_tf32 = bool(rc.tf32)
     run = _data(rc, dist, engine_name, device, peek_config(rc.init or "d12"))
+    run.run_id = new_run_id()
     if rc.resume and ckpt.latest_step(rc.out_dir) is not None:
         run.start_step = ckpt.latest_step(rc.out_dir)
         run.resume_state = ckpt.load_for(rc.out_dir, run.start_step, dist.rank, dist.world)
+        saved = (run.resume_state["state"]["extra"] or {}).get("run")
+        check_resume(rc, saved, run.start_step, run.steps, rc.out_dir)
+        run.run_id = (saved or {}).get("run_id") or run.run_id
         run.config = run.resume_state["config"]
         params = run.resume_state["params"]
     else:
@@ -224,25 +230,38 @@ def loop(run: Run) -> dict:
     rc, dist = run.rc, run.dist
     if dist.master:
         print_startup(run)
-    run.logger = Logger(rc.out_dir, resume=run.resume_state is not None, enabled=dist.master)
+    run.logger = Logger(rc.out_dir, resume=bool(rc.resume), enabled=dist.master)
     run.summary = {"losses": {}, "val_losses": {}, "skipped": [], "steps": run.steps,
                    "engine": run.engine_name, "device": run.device}
-    for step in range(run.start_step, run.steps + 1):
-        last_step = step == run.steps
-        evaluate(run, step, last_step)
-        resumed_here = run.resume_state is not None and step == run.start_step
-        if rc.out_dir and not resumed_here and step > 0 and (
-                (rc.checkpoint_every and step % rc.checkpoint_every == 0) or last_step):
-            save_checkpoint(run, step)
-        if last_step:
-            break
-        optimizer_step(run, step)
+    with StopOnSignal() as stop:
+        for step in range(run.start_step, run.steps + 1):
+            last_step = step == run.steps
+            evaluate(run, step, last_step)
+            resumed_here = run.resume_state is not None and step == run.start_step
+            if rc.out_dir and not resumed_here and step > 0 and (
+                    (rc.checkpoint_every and step % rc.checkpoint_every == 0) or last_step):
+                save_checkpoint(run, step)
+            if last_step:
+                break
+            optimizer_step(run, step)
+            if dist.agree_any(stop.requested):  # SIGTERM/SIGINT: checkpoint, then stop
+                _stop(run, step + 1, stop)
     run.logger.close()
     if run.step_times:
         run.summary["median_step_s"] = float(np.median(run.step_times))
         run.summary["tokens_per_s"] = run.total_batch / run.summary["median_step_s"]
     run.summary["engine_obj"] = run.engine
     return run.summary
+
+
+def _stop(run: Run, step: int, stop: StopOnSignal) -> None:
+    if run.rc.out_dir:
+        save_checkpoint(run, step)
+    run.logger.close()
+    raise Preempted(f"{stop.name or 'a signal on another rank'}: stopped after step {step}"
+                    + (f"; checkpoint {ckpt.model_path(run.rc.out_dir, step)} written: resume"
+                       f" with the same command and -y 1" if run.rc.out_dir else
+                       "; nothing saved (no -o)"), stop.exit_code)
 
 
 def evaluate(run: Run, step: int, last_step: bool) -> None:
@@ -341,26 +360,23 @@ def save_checkpoint(run: Run, step: int) -> None:
     crash at any point leaves the previous checkpoint as the newest complete one. Then
     -nk/-nm retention."""
     rc, dist, out = run.rc, run.dist, run.rc.out_dir
+    if dist.rank == 0:  # a DONE of an earlier write of this step would vouch for new files
+        ckpt.done_path(out, step).unlink(missing_ok=True)
+    dist.barrier()
     if dist.rank == 0:
         ckpt.save_model(out, step, run.engine)
-    _test_kill("in_checkpoint", step)
-    extra = {"outliers": {"loss": run.loss_det.state_dict(), "norm": run.norm_det.state_dict()}}
+    ckpt.kill_point("in_checkpoint", step)
+    extra = {"outliers": {"loss": run.loss_det.state_dict(), "norm": run.norm_det.state_dict()},
+             "run": run_record(rc, run.run_id)}
     ckpt.save_state(out, step, run.engine, rank=dist.rank, nproc=dist.world,
                     loader_state=run.train_loader.state_dict(), extra=extra,
                     shard=run.sync.shard)
     dist.barrier()
     if dist.rank == 0:
-        ckpt.mark_done(out, step)
-        ckpt.apply_retention(out, rc.keep_last, rc.major_every)
+        ckpt.mark_done(out, step, run.run_id)
+        ckpt.apply_retention(out, rc.keep_last, rc.major_every, run_id=run.run_id)
         print(f"checkpoint: {ckpt.model_path(out, step)} (+ state, DONE)", flush=True)
-    _test_kill("after_checkpoint", step)
-
-
-def _test_kill(where: str, step: int) -> None:
-    """Crash tests: LLMPY_TEST_KILL=in_checkpoint:STEP (after the model file, before the state
-    and DONE) or after_checkpoint:STEP sends this process a real SIGKILL there."""
-    if os.environ.get("LLMPY_TEST_KILL") == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.kill_point("after_checkpoint", step)
 
 
 def main(argv: list[str]) -> int:
