@@ -61,7 +61,8 @@ os.umask(_UMASK)
 
 
 def atomic_write(path, chunks) -> None:
-    """Write an iterable of bytes-like chunks to `path` via a temp file + fsync + rename."""
+    """Write an iterable of bytes-like chunks to `path` via a temp file + fsync + rename +
+    fsync of the directory, so a DONE marker never outlives the files it vouches for."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -73,12 +74,24 @@ def atomic_write(path, chunks) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power loss only after this
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # a platform without directory fds (Windows): nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_header(magic: int, version: int, fields: dict[int, int] | None = None) -> np.ndarray:
