@@ -553,3 +553,21 @@ def test_hellaswag_download_and_mmlu_hub(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     path, n = build_mmlu(tmp_path, None)
     assert n == 2 and [e["label"] for e in read_eval(path)] == [2, 1]
+
+
+def test_build_never_deletes_shards_it_did_not_write(fineweb_input, tmp_path):
+    """llm.c-named shards without a progress file (copied in, llm.c's own) stop the build;
+    `llmpy data fineweb --out DIR` as typed exits 2 in one line and the files are intact."""
+    inp, _ = fineweb_input
+    build(inp, tmp_path)
+    (tmp_path / "fineweb_progress.json").unlink()  # now nothing records who wrote them
+    before = {p.name: p.read_bytes() for p in shard_files(tmp_path)}
+    with pytest.raises(LlmpyError, match="no progress file there records"):
+        build(inp, tmp_path)
+    with pytest.raises(LlmpyError, match="no progress file there records"):
+        build(inp, tmp_path, fresh=True)
+    r = subprocess.run([sys.executable, "-m", "llmpy", "data", "fineweb", "--input",
+                        str(inp / "part_*.jsonl"), "--out", str(tmp_path), "--shard-size",
+                        str(SHARD), "--workers", "0", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {p.name: p.read_bytes() for p in shard_files(tmp_path)} == before

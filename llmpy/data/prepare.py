@@ -330,14 +330,31 @@ def shard_name(name: str, index: int) -> str:
     return f"{name}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
 
 
-def _remove_shards_from(out_dir: Path, name: str, first: int) -> None:
-    """Delete this dataset's shards with index >= first and stray temp files of killed runs."""
+def _owned(state: dict | None) -> set[str]:
+    """The shard files a previous build here recorded writing (its progress file)."""
+    if not state:
+        return set()
+    return {s["file"] for s in state["shards"]} | ({state["partial"]} if state.get("partial")
+                                                    else set())
+
+
+def _remove_shards_from(out_dir: Path, name: str, first: int, owned: set[str]) -> None:
+    """Delete this dataset's shards with index >= first, which a previous build here wrote
+    (`owned`), and the temp files of killed builds. Shards that no progress file records
+    (copied in, or llm.c's) are never deleted: the build stops and says so."""
     pat = re.compile(rf"^\.?{re.escape(name)}_(?:(val|train)_(\d{{6}})\.bin|progress\.json)"
                      rf"(\..*\.tmp)?$")
-    for p in out_dir.iterdir():
-        m = pat.match(p.name)
-        if m and (p.name.endswith(".tmp") or (m.group(2) and int(m.group(2)) >= first)):
-            p.unlink()
+    doomed = [p for p in out_dir.iterdir() if (m := pat.match(p.name)) and (
+        p.name.endswith(".tmp") or (m.group(2) and int(m.group(2)) >= first))]
+    foreign = [p.name for p in doomed if not p.name.endswith(".tmp") and p.name not in owned]
+    if foreign:
+        raise LlmpyError(f"{out_dir}: holds {len(foreign)} {name} shards that no progress "
+                         f"file there records ({', '.join(sorted(foreign)[:3])}"
+                         f"{' ...' if len(foreign) > 3 else ''}); expected an empty dir or "
+                         f"one this builder wrote; the build would replace them: move them "
+                         f"away or pick another --out")
+    for p in doomed:
+        p.unlink()
 
 
 def build_shards(texts_from: Callable[[int], Iterable[str]], out_dir, name: str, *,
@@ -362,7 +379,8 @@ def build_shards(texts_from: Callable[[int], Iterable[str]], out_dir, name: str,
         raise LlmpyError(f"cannot create {out_dir}: {e.strerror or e} (pick another --out)")
     settings = {"name": name, "shard_size": shard_size, **(settings or {})}
     prog_path = out_dir / f"{name}_progress.json"
-    state = None if fresh else read_progress(prog_path)
+    previous = read_progress(prog_path) if prog_path.exists() else None
+    state = None if fresh else previous
     if state is not None:
         check_settings(prog_path, state["settings"], settings)
         state = _keep_valid_shards(out_dir, state)
@@ -377,7 +395,7 @@ def build_shards(texts_from: Callable[[int], Iterable[str]], out_dir, name: str,
             (limit_tokens and written >= limit_tokens):
         # nothing to do (an earlier, larger build may already cover the limit)
         return _summary(out_dir, state["shards"], state["complete"])
-    _remove_shards_from(out_dir, name, len(done))
+    _remove_shards_from(out_dir, name, len(done), _owned(previous))
 
     index, limited = len(done), False
     bar = tqdm(total=total_tokens or limit_tokens or None, initial=written, unit="tok",
@@ -427,6 +445,7 @@ def build_shards(texts_from: Callable[[int], Iterable[str]], out_dir, name: str,
     elif limited:
         writer.commit()  # the partial last shard: usable now, redone by the next run
         partial = {"file": writer.path.name, "tokens": writer.ntok}
+        write_progress(prog_path, {**state, "partial": writer.path.name})
         return _summary(out_dir, state["shards"] + [partial], False)
     else:
         _finish_shard(writer, state, first, 0, prog_path)
