@@ -13,6 +13,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from .errors import Preempted
+
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -48,6 +50,13 @@ class StopOnSignal:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+    def stopped(self, step: int, checkpoint) -> Preempted:
+        """The exception that ends the run, saying how to continue it."""
+        how = (f"; checkpoint {checkpoint} written: resume with the same command and -y 1"
+               if checkpoint else "; nothing saved (no -o)")
+        return Preempted(f"{self.name or 'a signal on another rank'}: stopped after step "
+                         f"{step}{how}", self.exit_code)
 
     @property
     def exit_code(self) -> int:

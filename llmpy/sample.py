@@ -36,6 +36,23 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     return np.minimum((cdf < coins).sum(axis=-1), probs.shape[-1] - 1)
 
 
+def prompt_ids(prompt: str, config) -> list[int]:
+    """The prompt's token ids (empty: EOT), checked against the model: every id inside the
+    vocabulary, room for at least one new token under maxT."""
+    from .tokenizer import get_tokenizer
+    ids = get_tokenizer().encode(prompt) if prompt else [EOT]
+    V, maxT = config.vocab_size, config.max_seq_len
+    if max(ids) >= V:
+        what = f"--prompt {prompt!r}" if prompt else "sampling (-s, or the sample at the end)"
+        raise LlmpyError(f"{what}: starts from token {max(ids)} (GPT-2 BPE; the EOT start "
+                         f"token is {EOT}), outside the model's vocabulary V = {V}; expected "
+                         f"a model with V > {max(ids)}, or -s 0 to train without samples")
+    if len(ids) >= maxT:
+        raise LlmpyError(f"--prompt: {len(ids)} tokens, expected fewer than the model's maxT "
+                         f"{maxT}; shorten it")
+    return ids
+
+
 def generate(engine, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, seed: int = 0, num_samples: int = 1) -> list[list[int]]:
     """Continue `prompt` (token ids) by up to max_new_tokens tokens, `num_samples` rows at once.
@@ -65,7 +82,7 @@ def sample_text(engine, prompt: str, gen_tokens: int, temperature: float = 1.0,
     """The prompt (empty: start from EOT) and `gen_tokens` sampled tokens after it, as text."""
     from .tokenizer import get_tokenizer
     tok = get_tokenizer()
-    ids = tok.encode(prompt) if prompt else [EOT]
+    ids = prompt_ids(prompt, engine.config)
     row = generate(engine, ids, gen_tokens, temperature=temperature, top_k=top_k or None,
                    seed=seed)[0]
     return prompt + tok.decode(row)
@@ -92,7 +109,7 @@ def main(argv: list[str]) -> int:
         raise LlmpyError(f"-g/--gen-tokens: expected >= 1, got {a.gen_tokens}")
     engine, _ = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
     tok = get_tokenizer()
-    prompt = tok.encode(a.prompt) if a.prompt else [EOT]
+    prompt = prompt_ids(a.prompt, engine.config)
     rows = generate(engine, prompt, a.gen_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, seed=a.seed, num_samples=a.num_samples)
     for i, row in enumerate(rows):

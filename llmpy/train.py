@@ -24,7 +24,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ModelConfig
-from .errors import LlmpyError, Preempted, TrainingStopped
+from .errors import LlmpyError, TrainingStopped
 from .logger import Logger, print_table
 from .mfu import flops_per_token, peak_flops
 from .models import cuda_available, engine_options, load_model, peek_config, \
@@ -33,6 +33,7 @@ from .outlier_detector import OutlierDetector
 from .preempt import StopOnSignal
 from .run_dir import check_out_dir, check_resume, new_run_id, run_record
 from .schedulers import get_lr
+from .sample import prompt_ids
 from .settings import RunConfig, parse_args, validate
 
 GRAD_CLIP = 1.0
@@ -101,6 +102,8 @@ def setup(rc: RunConfig, dist, engine_name: str, device: str) -> Run:
         torch.backends.cudnn.allow_tf32 = bool(rc.tf32)
     run = _data(rc, dist, engine_name, device, peek_config(rc.init or "d12"))
     run.run_id = new_run_id()
+    if rc.sample_every or not rc.train_data:  # a bad prompt or vocab fails now, not mid-run
+        prompt_ids(rc.prompt, run.config)
     if rc.resume and ckpt.latest_step(rc.out_dir) is not None:
         run.start_step = ckpt.latest_step(rc.out_dir)
         run.resume_state = ckpt.load_for(rc.out_dir, run.start_step, dist.rank, dist.world)
@@ -134,9 +137,11 @@ def _data(rc: RunConfig, dist, engine_name: str, device: str, config: ModelConfi
     if total_batch % tokens_per_micro:
         raise LlmpyError(f"-d: total batch {total_batch} must be divisible by B*T*processes = "
                          f"{B}*{T}*{world} = {tokens_per_micro}")
+    V = config.vocab_size
     train_loader = DistributedDataLoader(train_glob, B, T, dist.rank, world, shuffle=shuffle,
-                                         seed=rc.seed)
-    val_loader = DistributedDataLoader(val_glob, B, T, dist.rank, world) if val_glob else None
+                                         seed=rc.seed, vocab_size=V)
+    val_loader = DistributedDataLoader(val_glob, B, T, dist.rank, world, vocab_size=V) \
+        if val_glob else None
     if val_loader is not None and rc.val_every > 0 and val_loader.batches_per_epoch < 1:
         val_loader = None
     steps = rc.max_steps
@@ -258,10 +263,7 @@ def _stop(run: Run, step: int, stop: StopOnSignal) -> None:
     if run.rc.out_dir:
         save_checkpoint(run, step)
     run.logger.close()
-    raise Preempted(f"{stop.name or 'a signal on another rank'}: stopped after step {step}"
-                    + (f"; checkpoint {ckpt.model_path(run.rc.out_dir, step)} written: resume"
-                       f" with the same command and -y 1" if run.rc.out_dir else
-                       "; nothing saved (no -o)"), stop.exit_code)
+    raise stop.stopped(step, ckpt.model_path(run.rc.out_dir, step) if run.rc.out_dir else None)
 
 
 def evaluate(run: Run, step: int, last_step: bool) -> None:

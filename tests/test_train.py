@@ -123,6 +123,9 @@ def test_outlier_detector_zscore():
     (["-e", "d13"], "d13"),
     (["--engine", "jax"], "--engine"),
     (["-q", "2"], "-q: expected a fraction in [0, 1]"),
+    (["-s", "2"], "outside the model's vocabulary V = 512"),  # EOT 50256 > V: before step 1
+    (["-e", "L=2,C=32,NH=2,T=32", "-s", "2", "--prompt", "a " * 40],
+     "expected fewer than the model's maxT 32"),
 ])
 def test_bad_input_exit_2(shards, tmp_path, capsys, args, needle):
     rc = cli_main(["train", *base_args(shards, tmp_path / "o"), *args])
@@ -139,6 +142,27 @@ def test_bad_shard_fails_before_training(shards, tmp_path, capsys):
     rc = cli_main(["train", *base_args(shards, tmp_path / "o"), "-i", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and str(bad) in err and "file size" in err
+
+
+def test_token_ids_past_the_vocabulary_name_the_shard(shards, tmp_path, capsys):
+    big = tmp_path / "big_000001.bin"
+    write_shard(big, np.full(3000, 600))  # ids a V=512 model does not have
+    rc = cli_main(["train", *base_args(shards, tmp_path / "o"), "-i", str(big)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(big) in err and "V = 512" in err, err
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("bad", [65535, 512, -1])  # uint16 max, a padded-vocab row, negative
+def test_engines_range_check_token_ids(engine, bad):
+    from llmpy.config import from_descriptor
+    from llmpy.engines import make_engine
+    from llmpy.errors import LlmpyError
+    eng = make_engine(engine, from_descriptor(MODEL))
+    x = np.zeros((1, 4), dtype=np.int64)
+    x[0, 2] = bad
+    with pytest.raises(LlmpyError, match="token ids"):
+        eng.forward(x, np.zeros((1, 4), dtype=np.int64))
 
 
 def test_bad_input_subprocess_has_no_traceback(shards, tmp_path):

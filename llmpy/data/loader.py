@@ -45,7 +45,8 @@ class DistributedDataLoader:
     """
 
     def __init__(self, pattern, B: int, T: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = False, seed: int = 42):
+                 shuffle: bool = False, seed: int = 42, vocab_size: int | None = None):
+        self.vocab_size = vocab_size  # token ids are checked against it batch by batch
         self.B, self.T = _check_int("B", B, 1), _check_int("T", T, 1)
         self.world = _check_int("world", world, 1)
         self.rank = _check_int("rank", rank, 0)
@@ -127,6 +128,12 @@ class DistributedDataLoader:
                                   len(self._tokens), "the shard changed while training")
         start = int(self._samples[self.sample_idx]) * self.sample_tokens + self.rank * B * T
         window = np.array(self._tokens[start:start + B * T + 1], dtype=np.int32)  # (B*T+1,)
+        if self.vocab_size and window.size and int(window.max()) >= self.vocab_size:
+            at = start + int(window.argmax())
+            raise FormatError(self.files[shard], f"token {at}", f"an id < V = {self.vocab_size}"
+                              f" (the model's vocabulary)", int(window[at - start]),
+                              "these shards were built for another vocabulary: use a model "
+                              "with a larger V (-e) or rebuild the shards")
         x = window[:-1].reshape(B, T)  # (B, T)
         y = window[1:].reshape(B, T)   # (B, T)
         self._advance()

@@ -172,6 +172,12 @@ class TorchEngine:
         """int array or tensor -> int64 tensor on the device, shape-checked."""
         # torch.tensor copies (B*T ints): read-only memmap slices are fine, uint16 too
         t = a if isinstance(a, torch.Tensor) else torch.tensor(np.asarray(a), dtype=torch.long)
+        V = self.config.vocab_size
+        # checked on the host: out of range, CPU gives an IndexError, CUDA a device assert
+        if t.numel() and t.device.type == "cpu" and (int(t.min()) < 0 or int(t.max()) >= V):
+            raise LlmpyError(f"torch engine: token ids must be in [0, {V}) (the model's "
+                             f"vocabulary), got [{int(t.min())}, {int(t.max())}]; the data "
+                             f"or prompt was made for another vocabulary")
         if t.dim() != ndim:
             raise LlmpyError(f"torch engine: token array must be {ndim}-D, got shape {tuple(t.shape)}")
         if ndim == 2 and t.size(1) > self.config.max_seq_len:
