@@ -97,6 +97,7 @@ def load_for(out_dir, step: int, rank: int, world: int) -> dict:
     different number of GPUs (llm.c cannot)."""
     config, params = formats.read_model(model_path(out_dir, step))
     first = formats.read_state(state_path(out_dir, step, 0))
+    _check_extra(state_path(out_dir, step, 0), first["extra"])
     N = config.num_params
     if first["m"].size == N:  # unsharded: every rank holds the full state
         own = state_path(out_dir, step, rank)
@@ -115,6 +116,20 @@ def load_for(out_dir, step: int, rank: int, world: int) -> dict:
     if first["nproc"] == world:  # same world: this rank's own loader fields
         full["extra"] = parts[rank]["extra"]
     return {"config": config, "params": params, "state": full}
+
+
+def _check_extra(path, extra) -> None:
+    """What save_state writes: loader / outliers / run objects (outliers: loss and norm)."""
+    if extra is None:  # llm.c's state file
+        return
+    for key in ("loader", "outliers", "run"):
+        if key in extra and not isinstance(extra[key], dict):
+            raise formats.FormatError(path, f"llmpy extra {key!r}", "an object",
+                                      type(extra[key]).__name__, "the state file is damaged")
+    out = extra.get("outliers")
+    if out is not None and not all(isinstance(out.get(k), dict) for k in ("loss", "norm")):
+        raise formats.FormatError(path, "llmpy extra 'outliers'", "objects 'loss' and 'norm'",
+                                  sorted(out), "the state file is damaged")
 
 
 def delete(out_dir, step: int) -> None:

@@ -4,6 +4,8 @@ The CLI turns an LlmpyError into one line on stderr and exit code 2 (llm.c print
 the field and a hint, then exits; so do we, without a traceback).
 """
 
+import argparse
+
 
 class LlmpyError(Exception):
     """Bad input from the user: a file, a flag or a descriptor. The message says what, where,
@@ -19,6 +21,14 @@ class FormatError(LlmpyError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are an LlmpyError (one line and exit 2 through the CLI), not
+    the usage block; subparsers inherit it."""
+
+    def error(self, message):
+        raise LlmpyError(message)
 
 
 class TrainingStopped(RuntimeError):

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data.loader import NUM_COMPLETIONS
-from .errors import LlmpyError
+from .errors import LlmpyError, OneLineParser
 
 
 def token_losses(engine, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     from .data.loader import DistributedDataLoader, EvalLoader
     from .models import build_engine
 
-    p = argparse.ArgumentParser(prog="llmpy eval", description=main.__doc__)
+    p = OneLineParser(prog="llmpy eval", description=main.__doc__)
     p.add_argument("task", choices=["hellaswag", "mmlu", "val"])
     p.add_argument("model", help="llm.c model .bin, an output dir (newest checkpoint), a "
                    "descriptor, or a Hugging Face GPT-2 name/dir")
@@ -100,6 +100,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    for flag, value, ok, what in (("-b", a.batch_size, a.batch_size >= 1, ">= 1"),
+                                  ("-t", a.seq_len, a.seq_len >= 0, ">= 0 (0: default)"),
+                                  ("-m", a.val_batches, a.val_batches == -1 or a.val_batches >= 1,
+                                   "-1 (all) or >= 1"),
+                                  ("--limit", a.limit, a.limit >= 0, ">= 0 (0: all)")):
+        if not ok:
+            raise LlmpyError(f"{flag}: expected {what}, got {value}")
     if a.task != "val":
         path = a.file or str(default_eval_path(a.task))
         if not Path(path).is_file():  # checked before the model is loaded

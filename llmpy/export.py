@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import LlmpyError
+from .errors import LlmpyError, OneLineParser
 
 # llm.c's test_gpt2 training recipe for the 10 steps on one batch.
 GOLDEN_RECIPE = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
@@ -110,6 +110,9 @@ def _hf(args) -> int:
     from .hf import export_hf
     from .models import load_model, resolve
     where = resolve(args.model, flag="MODEL")[1]
+    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
+        raise LlmpyError(f"export hf: OUTDIR {args.outdir} is a file, expected a directory "
+                         f"(new or to add the export to); pick another OUTDIR")
     out = export_hf(load_model(args.model, flag="MODEL"), args.outdir)
     print(f"read {where}; wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
@@ -117,7 +120,7 @@ def _hf(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llmpy export", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="llmpy export", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ds = sub.add_parser("debug-state", help="golden fixture: model, llm.c debug state, losses")
     ds.add_argument("--model", required=True,

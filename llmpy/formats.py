@@ -460,4 +460,12 @@ def read_state(path) -> dict:
         except ValueError as e:
             raise FormatError(path, "llmpy extra JSON", "valid JSON", str(e),
                               REGEN_HINT[STATE_MAGIC]) from None
+        _check_extra(path, out["extra"])
     return out
+
+
+def _check_extra(path, extra) -> None:
+    if not isinstance(extra, dict):  # llm.py writes an object; anything else is damage
+        raise FormatError(path, "llmpy extra JSON", "an object", type(extra).__name__,
+                          REGEN_HINT[STATE_MAGIC])
+

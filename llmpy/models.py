@@ -37,7 +37,8 @@ def resolve(spec: str, flag: str = "-e") -> tuple[str, str]:
     if is_hf_spec(spec):
         return "hf", spec
     what = "a directory with no complete checkpoint (model_N.bin + DONE_N) and no config.json" \
-        if p.is_dir() else "not a file or directory"
+        if p.is_dir() else "not a file or directory (no such file)" if p.suffix or \
+        "/" in spec else "not a file or directory"
     raise LlmpyError(f"{flag} {spec!r}: {what}; expected a model descriptor (d12, gpt3:c768, "
                      f"L=..,C=..,NH=..), an llm.c model file, an output dir with a checkpoint, "
                      f"or Hugging Face GPT-2 weights (a dir, gpt2..gpt2-xl, owner/name)")
@@ -96,6 +97,13 @@ def pick_engine_and_device(engine: str = "auto", device: str = "auto") -> tuple[
             engine = "torch"
         else:
             engine = "numpy"
+    if engine in ("torch", "triton") or device != "cpu":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise LlmpyError(f"--engine {engine} --device {device}: needs PyTorch, which is not "
+                             f"installed; pip install torch, or use --engine numpy --device "
+                             f"cpu") from None
     if engine == "numpy" and device != "cpu":
         raise LlmpyError(f"--engine numpy runs on the CPU only, got --device {device}")
     if engine == "triton" and not device.startswith("cuda"):

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 
 from .config import EOT
-from .errors import LlmpyError
+from .errors import LlmpyError, OneLineParser
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     from .models import build_engine
     from .tokenizer import get_tokenizer
 
-    p = argparse.ArgumentParser(prog="llmpy sample", description=main.__doc__)
+    p = OneLineParser(prog="llmpy sample", description=main.__doc__)
     p.add_argument("checkpoint", help="model .bin (llm.c format), an output dir (newest "
                    "checkpoint), or a Hugging Face GPT-2 name/dir")
     p.add_argument("--prompt", default="", help="text to continue (default: start from EOT)")
@@ -107,6 +107,8 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.gen_tokens < 1:
         raise LlmpyError(f"-g/--gen-tokens: expected >= 1, got {a.gen_tokens}")
+    if a.num_samples < 1:
+        raise LlmpyError(f"--num-samples: expected >= 1, got {a.num_samples}")
     engine, _ = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
     tok = get_tokenizer()
     prompt = prompt_ids(a.prompt, engine.config)

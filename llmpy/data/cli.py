@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import OneLineParser
+
 
 def _tinyshakespeare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
@@ -51,7 +53,7 @@ DATASETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmpy data",
+    parser = OneLineParser(prog="llmpy data",
                                      description="Build llm.c token shards for a dataset.")
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     for name, (help_line, add_args, run) in DATASETS.items():

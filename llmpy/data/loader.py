@@ -54,6 +54,10 @@ class DistributedDataLoader:
             raise LlmpyError(f"data loader: rank {rank} must be < world {world}")
         self.shuffle, self.seed = bool(shuffle), _check_int("seed", seed, 0)
         self.pattern = str(pattern)
+        if os.path.isdir(os.path.expanduser(self.pattern)):
+            raise LlmpyError(f"data loader: {self.pattern!r} is a directory; expected a glob "
+                             f"of token shards in it, e.g. '{self.pattern.rstrip('/')}/"
+                             f"*_train_*.bin' for -i or '*_val_*.bin' for -j")
         self.files = sorted(glob.glob(os.path.expanduser(self.pattern)))
         if not self.files:
             raise LlmpyError(f"data loader: no token shards match {self.pattern!r} (build them "
