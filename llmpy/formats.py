@@ -65,15 +65,21 @@ def atomic_write(path, chunks) -> None:
     fsync of the directory, so a DONE marker never outlives the files it vouches for."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _WRITES[0] += 1
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 f.write(memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else chunk)
+                if i == 0:
+                    f.flush()
+                    _kill_point("partial")
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        _kill_point("synced")
         os.replace(tmp, path)
+        _kill_point("renamed")
         _fsync_dir(path.parent)  # the rename itself survives a power loss only after this
     except BaseException:
         try:
@@ -81,6 +87,18 @@ def atomic_write(path, chunks) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+_WRITES = [0]  # atomic writes so far in this process (for LLMPY_TEST_KILL_WRITE)
+
+
+def _kill_point(phase: str) -> None:
+    """Fault injection: LLMPY_TEST_KILL_WRITE=N:PHASE sends this process a real SIGKILL in
+    its Nth atomic write, after the first chunk (partial), after the fsync (synced) or after
+    the rename (renamed)."""
+    if os.environ.get("LLMPY_TEST_KILL_WRITE") == f"{_WRITES[0]}:{phase}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(d: Path) -> None:

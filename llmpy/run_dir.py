@@ -59,6 +59,10 @@ def check_out_dir(rc: RunConfig, master: bool = True) -> None:
     if not os.access(near, os.W_OK | os.X_OK):
         raise LlmpyError(f"-o {rc.out_dir}: {near} is not writable by this user; expected a "
                          f"writable dir (pick another -o or fix its permissions)")
+    if rc.resume and master and d.is_dir():  # temp files of a killed run: ours, by name
+        for p in d.glob(".*.tmp"):
+            if p.name.startswith((".model_", ".state_", ".DONE_")):
+                p.unlink(missing_ok=True)
     found = run_files(d)
     if rc.resume or not found:  # -y 1 continues what is there (or starts it, if nothing is)
         return
