@@ -137,9 +137,8 @@ def _data(rc: RunConfig, dist, engine_name: str, device: str, config: ModelConfi
     if total_batch % tokens_per_micro:
         raise LlmpyError(f"-d: total batch {total_batch} must be divisible by B*T*processes = "
                          f"{B}*{T}*{world} = {tokens_per_micro}")
-    V = config.vocab_size
     train_loader = DistributedDataLoader(train_glob, B, T, dist.rank, world, shuffle=shuffle,
-                                         seed=rc.seed, vocab_size=V)
+                                         seed=rc.seed, vocab_size=(V := config.vocab_size))
     val_loader = DistributedDataLoader(val_glob, B, T, dist.rank, world, vocab_size=V) \
         if val_glob else None
     if val_loader is not None and rc.val_every > 0 and val_loader.batches_per_epoch < 1:
@@ -310,8 +309,7 @@ def optimizer_step(run: Run, step: int) -> None:
     norm = run.sync.reduce()  # averages gradients across ranks; the global norm
     zloss, znorm = run.loss_det.update(loss), run.norm_det.update(norm)
     lr = get_lr(rc.scheduler, step, rc.lr, rc.warmup, run.steps, rc.final_lr_frac)
-    # loss and norm agree on every rank already; agree_any makes the decision collective
-    # even if a rank's arithmetic differed, so no rank waits alone in the all-gather.
+    # every decision is agreed (a rank's arithmetic may differ): no rank waits alone
     finite = not dist.agree_any(not (math.isfinite(loss) and math.isfinite(norm)))
     skip = ""
     if not finite:
@@ -324,6 +322,8 @@ def optimizer_step(run: Run, step: int) -> None:
         skip = f"loss z {zloss:.2f}"
     elif rc.skip_norm_z and znorm > rc.skip_norm_z:
         skip = f"norm z {znorm:.2f}"
+    if dist.agree_any(bool(skip)) and not skip:
+        skip = "another rank's outlier"
     if not skip:
         grad_scale = GRAD_CLIP / norm if norm > GRAD_CLIP else 1.0
         run.sync.step(lr, step + 1, weight_decay=rc.weight_decay, grad_scale=grad_scale)

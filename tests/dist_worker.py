@@ -1,7 +1,8 @@
 """One rank of a multi-process test run (launched by tests/test_dist.py like torchrun would:
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment).
 
-usage: python dist_worker.py RESULT_JSON [--nan-at STEP --nan-rank R] -- <llmpy train flags>
+usage: python dist_worker.py RESULT_JSON [--nan-at STEP --nan-rank R]
+       [--outlier-at STEP --outlier-rank R] -- <llmpy train flags>
 Writes the rank's losses, skipped steps and a hash of its final parameters to RESULT_JSON.
 """
 
@@ -20,6 +21,17 @@ def main():
     nan_at = int(opts[opts.index("--nan-at") + 1]) if "--nan-at" in opts else -1
     nan_rank = int(opts[opts.index("--nan-rank") + 1]) if "--nan-rank" in opts else -1
     rank = int(os.environ.get("RANK", "0"))
+    out_at = int(opts[opts.index("--outlier-at") + 1]) if "--outlier-at" in opts else -1
+    out_rank = int(opts[opts.index("--outlier-rank") + 1]) if "--outlier-rank" in opts else -1
+    if rank == out_rank:  # this rank alone sees a loss z-score of 100 at step out_at
+        from llmpy.outlier_detector import OutlierDetector
+        real_update, n = OutlierDetector.update, [0]
+
+        def update(self, x):
+            z = real_update(self, x)
+            n[0] += 1
+            return 100.0 if n[0] == 2 * out_at + 1 else z  # loss, then norm, every step
+        OutlierDetector.update = update
 
     import llmpy.engines as engines
     from llmpy.settings import parse_args

@@ -120,6 +120,16 @@ def test_nan_on_one_rank_is_agreed(shards, tmp_path):
     assert np.isfinite(np.load(res[0]["params_path"])).all()
 
 
+def test_outlier_skip_on_one_rank_is_agreed(shards, tmp_path):
+    """A decision only one rank takes (its loss z-score alone is an outlier): every rank must
+    skip that step, or the parameters part ways (and with -z 1 a rank waits alone). The NaN
+    test above cannot see this: the all-reduce of the loss spreads a NaN to every rank."""
+    res = launch(2, args_for(shards, tmp_path / "zs", steps=6, extra=["-sl", "5"]), tmp_path,
+                 "zs", worker_opts=["--outlier-at", "3", "--outlier-rank", "1"])
+    assert res[0]["skipped"] == res[1]["skipped"] == [3]
+    assert res[0]["params_sha"] == res[1]["params_sha"]
+
+
 def test_launcher_detection(monkeypatch):
     from llmpy.dist import detect, init_method
     from llmpy.settings import RunConfig
