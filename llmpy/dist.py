@@ -191,11 +191,16 @@ def init_method(rc, launcher: str, rank: int) -> str:
     return f"tcp://{host}:{port}"
 
 
-def init(rc, device: str) -> Dist:
-    """Join the job (or not, for one process). NCCL on CUDA, gloo on the CPU."""
+def init(rc, device: str, engine: str = "torch") -> Dist:
+    """Join the job (or not, for one process). NCCL on CUDA, gloo on the CPU. An engine
+    that runs in one process only is refused before the rendezvous (where it would wait)."""
     rank, world, local, launcher = detect(rc)
     if world == 1:
         return Dist()
+    if engine == "numpy":
+        raise LlmpyError(f"--engine numpy: runs in one process only, got {world} processes "
+                         f"({launcher}); use --engine torch or triton for multi-process "
+                         f"training")
     import torch
     import torch.distributed as tdist
     backend = "nccl" if device.startswith("cuda") else "gloo"

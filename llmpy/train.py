@@ -80,7 +80,7 @@ def train(rc: RunConfig, given: set[str] | None = None) -> dict:
 
     validate(rc)
     engine_name, device = pick_engine_and_device(rc.engine, rc.device)
-    dist = init_dist(rc, device)
+    dist = init_dist(rc, device, engine_name)
     try:
         check_out_dir(rc, dist.master)
         run = setup(rc, dist, engine_name, device)

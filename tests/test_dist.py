@@ -130,6 +130,21 @@ def test_outlier_skip_on_one_rank_is_agreed(shards, tmp_path):
     assert res[0]["params_sha"] == res[1]["params_sha"]
 
 
+def test_numpy_engine_with_processes_is_refused_before_the_rendezvous(shards, tmp_path):
+    """-pi tcp to a server nobody runs: refused at once, not after waiting for it."""
+    import subprocess
+    import sys
+    import time
+    args = [*args_for(shards, tmp_path / "o", steps=2), "--engine", "numpy", "-pn", "2",
+            "-pr", "0", "-pi", "tcp", "-ps", "127.0.0.1:9", "--device", "cpu"]
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "llmpy", "train", *args], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "LLMPY_DIST_TIMEOUT_MIN": "1"})
+    assert r.returncode == 2 and "--engine numpy: runs in one process only" in r.stderr, \
+        r.stderr
+    assert time.time() - t0 < 30
+
+
 def test_launcher_detection(monkeypatch):
     from llmpy.dist import detect, init_method
     from llmpy.settings import RunConfig
