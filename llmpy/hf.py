@@ -126,25 +126,27 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     Read directly (8-byte header length, JSON header, raw little-endian data) because
     safetensors' numpy API cannot hold BF16, which many hub checkpoints use."""
     path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise LlmpyError(f"{path}: not a safetensors file (only {len(head)} bytes)")
         (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):  # safetensors' own header limit is 100 MB
+            raise LlmpyError(f"{path}: header length {n}, expected at most the file's "
+                             f"{size - 8} bytes after it (truncated or not safetensors)")
         try:
             header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError):
             raise LlmpyError(f"{path}: not a safetensors file (bad JSON header)") from None
+    if not isinstance(header, dict):
+        raise LlmpyError(f"{path}: header is JSON {type(header).__name__}, expected an object "
+                         f"(not a safetensors file)")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise LlmpyError(f"{path}: tensor {name} has dtype {info['dtype']}; expected one of "
-                             f"{', '.join(SAFETENSORS_DTYPES)}")
-        a, b = info["data_offsets"]
-        count = (b - a) // np.dtype(dtype).itemsize
+        dtype, a, b, count = _tensor_extent(path, name, info, size - 8 - n)
         # memmap: only the float32 copy of each tensor is ever held in memory
         t = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + a, shape=(count,)) \
             if count else np.zeros(0, dtype)
@@ -152,6 +154,32 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             t = (t.astype(np.uint32) << 16).view(np.float32)
         out[name] = np.array(t, dtype=np.float32).reshape(info["shape"])
     return out
+
+
+def _tensor_extent(path, name, info, data_bytes: int):
+    """(numpy dtype, start, end, element count) of one header entry, every field checked
+    against the file: a damaged header fails here with its name, not in numpy."""
+    def bad(what, got):
+        return LlmpyError(f"{path}: tensor {name}: {what}, got {got!r} (the file is damaged "
+                          f"or not GPT-2 safetensors: download or export it again)")
+    if not isinstance(info, dict):
+        raise bad("expected an object with dtype, shape, data_offsets", info)
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) \
+        else None
+    if dtype is None:
+        raise bad(f"expected dtype one of {', '.join(SAFETENSORS_DTYPES)}", info.get("dtype"))
+    shape, offs = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise bad("expected shape a list of integers >= 0", shape)
+    if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+            and 0 <= offs[0] <= offs[1] <= data_bytes):
+        raise bad(f"expected data_offsets [start, end] within the {data_bytes} data bytes",
+                  offs)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * np.dtype(dtype).itemsize != offs[1] - offs[0]:
+        raise bad(f"expected {count} x {np.dtype(dtype).itemsize} bytes for shape {shape}",
+                  offs[1] - offs[0])
+    return dtype, offs[0], offs[1], count
 
 
 def _read_torch_bin(path) -> dict[str, np.ndarray]:
@@ -168,15 +196,30 @@ def _read_weights(d: Path) -> dict[str, np.ndarray]:
     if (d / "model.safetensors").exists():
         return read_safetensors(d / "model.safetensors")
     if (d / "model.safetensors.index.json").exists():
-        index = json.loads((d / "model.safetensors.index.json").read_text())
+        where = d / "model.safetensors.index.json"
+        try:
+            wm = json.loads(where.read_text())["weight_map"]
+            files = sorted(set(wm.values()))
+            assert all(isinstance(f, str) for f in files)
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+            raise LlmpyError(f"{where}: expected JSON with a weight_map of tensor -> file "
+                             f"name") from None
         out = {}
-        for f in sorted(set(index["weight_map"].values())):
-            out.update(read_safetensors(d / f))
+        for f in files:
+            p = (d / f).resolve()
+            if p.parent != d.resolve() or not p.is_file():
+                raise LlmpyError(f"{where}: weight file {f!r} is not a file in {d}; expected "
+                                 f"names of files beside the index")
+            out.update(read_safetensors(p))
         return out
     if (d / "pytorch_model.bin").exists():
         return _read_torch_bin(d / "pytorch_model.bin")
     raise LlmpyError(f"{d}: no model.safetensors, model.safetensors.index.json or "
                      f"pytorch_model.bin in this directory")
+
+
+MAX_DIM = 1 << 20        # no GPT-2 dimension comes near: a bound that keeps arithmetic sane
+MAX_PARAMS = 10 ** 11    # 400 GB of fp32: far past GPT-2 1.5B, short of a runaway config
 
 
 def config_from_hf(cfg: dict, where) -> ModelConfig:
@@ -188,6 +231,15 @@ def config_from_hf(cfg: dict, where) -> ModelConfig:
         maxT, V = cfg["n_positions"], cfg["vocab_size"]
     except KeyError as e:
         raise LlmpyError(f"{where}: config.json has no {e.args[0]!r}") from None
+    for key, v in (("n_embd", C), ("n_layer", L), ("n_head", NH), ("n_positions", maxT),
+                   ("vocab_size", V)):
+        if type(v) is not int or not 1 <= v <= MAX_DIM:
+            raise LlmpyError(f"{where}: {key} = {v!r}; expected an integer in [1, {MAX_DIM}]")
+    if C % NH:
+        raise LlmpyError(f"{where}: n_embd {C} is not a multiple of n_head {NH}")
+    if ModelConfig(maxT, V, L, NH, C).num_params > MAX_PARAMS:  # before anything is allocated
+        raise LlmpyError(f"{where}: {L} layers x {C} channels is over {MAX_PARAMS:.0e} "
+                         f"parameters; expected a GPT-2 size (config.json is damaged?)")
     checks = [("activation_function", cfg.get("activation_function", "gelu_new"),
                ("gelu_new", "gelu_pytorch_tanh")),
               ("n_inner", cfg.get("n_inner"), (None, 4 * C)),

@@ -163,3 +163,61 @@ def test_training_reads_only_the_config_to_check_flags(hf_dir, tmp_path):
     d.mkdir()
     shutil.copy(hf_dir[0] / "config.json", d / "config.json")
     assert peek_config(str(d)) == load_hf(hf_dir[0])[0]
+
+
+def _damaged(tmp_path, d, how):
+    """A copy of the HF dir `d` with one thing broken (safetensors bytes or config.json)."""
+    import shutil
+    import struct
+    out = tmp_path / how
+    shutil.copytree(d, out)
+    st = out / "model.safetensors"
+    raw = st.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+
+    def with_header(h):
+        blob = json.dumps(h).encode()
+        st.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    cfg = json.loads((out / "config.json").read_text())
+    if how == "truncated":
+        st.write_bytes(raw[:len(raw) // 2])
+    elif how == "offsets_past_end":
+        header[name]["data_offsets"][1] = len(raw) * 2
+        with_header(header)
+    elif how == "shape_mismatch":
+        header[name]["shape"] = [s + 1 for s in header[name]["shape"]]
+        with_header(header)
+    elif how == "header_not_object":
+        with_header([1, 2, 3])
+    elif how in ("header_len_2_40", "header_len_2_63"):
+        st.write_bytes(struct.pack("<Q", 2 ** (40 if how.endswith("40") else 63)) + raw[8:])
+    elif how == "config_wrong_type":
+        (out / "config.json").write_text(json.dumps({**cfg, "n_embd": "64"}))
+    elif how == "config_n_layer_1e7":
+        (out / "config.json").write_text(json.dumps({**cfg, "n_layer": 10 ** 7}))
+    elif how == "index_outside_dir":
+        st.unlink()
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {name: "../../etc/passwd"}}))
+    return out
+
+
+@pytest.mark.parametrize("how", ["truncated", "offsets_past_end", "shape_mismatch",
+                                 "header_not_object", "header_len_2_40", "header_len_2_63",
+                                 "config_wrong_type", "config_n_layer_1e7",
+                                 "index_outside_dir"])
+def test_damaged_hf_dir_is_one_line(hf_dir, tmp_path, how):
+    """Each damage is an LlmpyError naming the file, before any big allocation; and through
+    the CLI as a user types it, one line and exit 2."""
+    import subprocess
+    import sys
+    d, _ = hf_dir
+    bad = _damaged(tmp_path, d, how)
+    with pytest.raises(LlmpyError, match=str(bad)):
+        load_hf(bad)
+    if how in ("truncated", "config_n_layer_1e7"):
+        r = subprocess.run([sys.executable, "-m", "llmpy", "sample", str(bad), "-g", "2"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
