@@ -8,6 +8,7 @@ import pytest
 
 from llmpy.data import cli, tinyshakespeare as ts
 from llmpy.data.tinyshakespeare import ensure_tinyshakespeare
+from llmpy.errors import LlmpyError
 from llmpy.formats import open_shard, shard_num_tokens
 from llmpy.tokenizer import get_tokenizer
 
@@ -73,6 +74,8 @@ def test_cache_dir_and_cli(tmp_path, monkeypatch, capsys):
     assert cli.main(["tinyshakespeare", "--out", str(tmp_path / "out")]) == 0
     assert "305,260" in capsys.readouterr().out
     assert (tmp_path / "out" / "tiny_shakespeare_val.bin").read_bytes() == val.read_bytes()
-    with pytest.raises(SystemExit) as e:
+    # issue 13: argparse errors are an LlmpyError (one line, exit 2 through llmpy.cli)
+    with pytest.raises(LlmpyError, match="invalid choice: 'no-such-dataset'"):
         cli.main(["no-such-dataset"])
-    assert e.value.code == 2
+    from llmpy.cli import main as llmpy_main
+    assert llmpy_main(["data", "no-such-dataset"]) == 2
