@@ -24,11 +24,13 @@ import datetime
 import math
 import os
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 
 from .errors import LlmpyError
 
-TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("LLMPY_DIST_TIMEOUT_MIN", "10")))
+TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("LLMPY_DIST_TIMEOUT_MIN", "10")))
 
 
 @dataclass
@@ -177,7 +179,11 @@ def init_method(rc, launcher: str, rank: int) -> str:
         if not rc.fs_path:
             raise LlmpyError("-pf: -pi fs needs a directory shared by all processes, got none")
         os.makedirs(rc.fs_path, exist_ok=True)
-        return "file://" + os.path.join(os.path.abspath(rc.fs_path), "llmpy_rendezvous")
+        # one file per slurm job step, so a relaunch never meets the file of a crashed one
+        job = "_".join(os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_STEP_ID")
+                       if k in os.environ)
+        return "file://" + os.path.join(os.path.abspath(rc.fs_path),
+                                        "llmpy_rendezvous" + (f"_{job}" if job else ""))
     if "MASTER_ADDR" in os.environ:
         return "env://"
     try:  # -pi mpi: rank 0 picks an address and a port and sends them to everyone
@@ -189,6 +195,15 @@ def init_method(rc, launcher: str, rank: int) -> str:
     addr = (socket.gethostbyname(socket.gethostname()), _free_port()) if rank == 0 else None
     host, port = MPI.COMM_WORLD.bcast(addr, root=0)
     return f"tcp://{host}:{port}"
+
+
+def _rendezvous_timeout(method: str, world: int) -> None:
+    stale = (f"; a file left by a crashed run makes every launch wait: stop all processes, "
+             f"delete {method[len('file://'):]} and relaunch") if method.startswith("file://") \
+        else ""
+    print(f"llmpy train: error: rendezvous {method}: {world} processes did not meet within "
+          f"{TIMEOUT} (LLMPY_DIST_TIMEOUT_MIN){stale}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def init(rc, device: str, engine: str = "torch") -> Dist:
@@ -206,8 +221,17 @@ def init(rc, device: str, engine: str = "torch") -> Dist:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    tdist.init_process_group(backend=backend, init_method=init_method(rc, launcher, rank),
-                             rank=rank, world_size=world, timeout=TIMEOUT)
+    method = init_method(rc, launcher, rank)
+    # a file rendezvous waits forever on a stale file (torch's timeout does not cover it):
+    # after TIMEOUT this process says so in one line and exits 2
+    watchdog = threading.Timer(TIMEOUT.total_seconds(), _rendezvous_timeout, (method, world))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        tdist.init_process_group(backend=backend, init_method=method, rank=rank,
+                                 world_size=world, timeout=TIMEOUT)
+    finally:
+        watchdog.cancel()
     return Dist(rank=rank, world=world, local_rank=local, backend=backend)
 
 

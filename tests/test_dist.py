@@ -145,6 +145,24 @@ def test_numpy_engine_with_processes_is_refused_before_the_rendezvous(shards, tm
     assert time.time() - t0 < 30
 
 
+def test_stale_fs_rendezvous_file_is_one_line_after_the_timeout(shards, tmp_path):
+    """A rendezvous file left by a crashed run: the launch used to wait forever, whatever the
+    timeout; now it stops after LLMPY_DIST_TIMEOUT_MIN with one line naming the file."""
+    import subprocess
+    import sys
+    rdv = tmp_path / "rdv"
+    rdv.mkdir()
+    (rdv / "llmpy_rendezvous").write_bytes(b"\x00" * 64)  # what a killed run leaves
+    args = [*args_for(shards, tmp_path / "o", steps=2), "-pn", "2", "-pr", "0", "-pi", "fs",
+            "-pf", str(rdv)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run([sys.executable, "-m", "llmpy", "train", *args], capture_output=True,
+                       text=True, timeout=120, env={**env, "LLMPY_DIST_TIMEOUT_MIN": "0.05"})
+    assert r.returncode == 2, r.stderr
+    assert "delete " + str(rdv / "llmpy_rendezvous") in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_launcher_detection(monkeypatch):
     from llmpy.dist import detect, init_method
     from llmpy.settings import RunConfig
