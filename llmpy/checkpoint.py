@@ -70,9 +70,9 @@ def save_state(out_dir, step: int, engine, *, rank: int = 0, nproc: int = 1,
         state_path(out_dir, step, rank), step=step, m=opt["m"][sl], v=opt["v"][sl],
         master=None if master is None else master[sl], nproc=nproc, rank=rank,
         shard_idx=int(ls.get("shard_idx", 0)),
-        # llm.c's header holds the last sample drawn (size_t -1 before the first of a shard);
-        # our loader state holds the next one
-        sample_idx=(int(ls.get("sample_idx", 0)) - 1) % 2**64,
+        # llm.c's header holds the last sample of nproc*B*T tokens drawn (size_t -1 before
+        # the first of a shard); our loader state holds the next sample of B*T tokens
+        sample_idx=(int(ls.get("sample_idx", 0)) // nproc - 1) % 2**64,
         extra={"loader": ls, **(extra or {})})
 
 

@@ -138,7 +138,8 @@ def _data(rc: RunConfig, dist, engine_name: str, device: str, config: ModelConfi
         raise LlmpyError(f"-d: total batch {total_batch} must be divisible by B*T*processes = "
                          f"{B}*{T}*{world} = {tokens_per_micro}")
     train_loader = DistributedDataLoader(train_glob, B, T, dist.rank, world, shuffle=shuffle,
-                                         seed=rc.seed, vocab_size=(V := config.vocab_size))
+                                         seed=rc.seed, step_samples=total_batch // (B * T),
+                                         vocab_size=(V := config.vocab_size))
     val_loader = DistributedDataLoader(val_glob, B, T, dist.rank, world, vocab_size=V) \
         if val_glob else None
     if val_loader is not None and rc.val_every > 0 and val_loader.batches_per_epoch < 1:
@@ -185,7 +186,8 @@ def _make_engine(run: Run, params: np.ndarray) -> None:
         if "loader" in extra:
             run.train_loader.load_state_dict(extra["loader"])
         else:  # written by llm.c: its loader position is in the state header
-            run.train_loader.resume_llmc(int(st["shard_idx"]), int(st["sample_idx"]))
+            run.train_loader.resume_llmc(int(st["shard_idx"]), int(st["sample_idx"]),
+                                         int(st["nproc"]))
         if "outliers" in extra:
             run.loss_det.load_state_dict(extra["outliers"]["loss"])
             run.norm_det.load_state_dict(extra["outliers"]["norm"])

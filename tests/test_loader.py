@@ -31,6 +31,8 @@ def test_ranks_cover_each_epoch_without_overlap_or_gap(tmp_path, world, shuffle)
     pattern = make_shards(tmp_path)
     loaders = [DistributedDataLoader(pattern, B, T, r, world, shuffle=shuffle)
                for r in range(world)]
+    # one process with world x accumulation: the same stream (issue 16)
+    single = DistributedDataLoader(pattern, B, T, shuffle=shuffle, step_samples=world)
     steps = loaders[0].batches_per_epoch
     seen = []
     for _ in range(steps):
@@ -38,8 +40,9 @@ def test_ranks_cover_each_epoch_without_overlap_or_gap(tmp_path, world, shuffle)
         for r, (x, y) in enumerate(batches):
             assert x.shape == y.shape == (B, T) and x.dtype == np.int32
             np.testing.assert_array_equal(y, x + 1)  # targets are the next tokens
-            # the ranks read consecutive windows of the same global sample
-            assert x[0, 0] == batches[0][0][0, 0] + r * B * T
+            if not shuffle:  # llm.c's layout: consecutive windows of one global sample
+                assert x[0, 0] == batches[0][0][0, 0] + r * B * T
+            np.testing.assert_array_equal(x, single.next_batch()[0])
             seen.append(x.ravel())
     seen = np.sort(np.concatenate(seen))
     expected = []
@@ -75,22 +78,27 @@ def test_state_roundtrip_across_shard_and_epoch_boundaries(tmp_path, shuffle):
     pattern = make_shards(tmp_path)
     world = 2
     ref = DistributedDataLoader(pattern, B, T, 1, world, shuffle=shuffle)
+    ref0 = DistributedDataLoader(pattern, B, T, 0, world, shuffle=shuffle)
     per_epoch = ref.batches_per_epoch
-    first_shard = ref.shard_samples[int(ref.shard_order(0)[0])]
+    first_shard = ref.shard_samples[int(ref.shard_order(0)[0])] // world  # batches
     # stop just before / at a shard boundary, before / at / after an epoch boundary
     for k in (first_shard - 1, first_shard, per_epoch - 1, per_epoch, per_epoch + 3):
         ref.reset()
+        ref0.reset()
         _take(ref, k)
+        _take(ref0, k)
         state = ref.state_dict()
         assert all(isinstance(v, int) for v in state.values())
-        expected = _take(ref, per_epoch + 2)  # crosses shard and epoch boundaries
+        expected = {1: _take(ref, per_epoch + 2),  # crosses shard and epoch boundaries
+                    0: _take(ref0, per_epoch + 2)}
         for rank in (1, 0):  # any rank's state continues that rank's own sequence
             fresh = DistributedDataLoader(pattern, B, T, rank, world, shuffle=shuffle)
             fresh.load_state_dict(dict(state))
             got = _take(fresh, per_epoch + 2)
-            if rank == 0:
-                got = [(x + B * T, y + B * T) for x, y in got]
-            for (x0, y0), (x1, y1) in zip(expected, got):
+            if rank == 0 and not shuffle:  # llm.c's layout: the window before rank 1's
+                assert all(np.array_equal(x + B * T, x1) for (x, _), (x1, _) in
+                           zip(got, expected[1]))
+            for (x0, y0), (x1, y1) in zip(expected[rank], got):
                 np.testing.assert_array_equal(x0, x1)
                 np.testing.assert_array_equal(y0, y1)
 
@@ -235,3 +243,52 @@ def test_resume_llmc_position_is_the_sample_after_the_last_drawn(tmp_path):
         assert np.array_equal(dl.next_batch()[0], seq[expect])
     with pytest.raises(LlmpyError, match="sample index"):
         DistributedDataLoader(tmp_path / "*.bin", 2, 5).resume_llmc(0, n0)
+
+
+def _steps(pattern, world, G, shuffle, n, state=None):
+    """The tokens of n optimizer steps of G samples, from `world` ranks (G/world each)."""
+    lds = [DistributedDataLoader(pattern, B, T, r, world, shuffle=shuffle, step_samples=G)
+           for r in range(world)]
+    for ld in lds:
+        if state is not None:
+            ld.load_state_dict(dict(state))
+    out = [sorted(int(ld.next_batch()[0][0, 0]) for ld in lds for _ in range(G // world))
+           for _ in range(n)]
+    return out, lds[0].state_dict()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path, shuffle):
+    """Issue 16: 1, 2 and 4 ranks at one total batch see the same samples in the same steps,
+    across shard and epoch boundaries, and a state saved by 2 ranks continues that stream on
+    1 and on 4."""
+    pattern = make_shards(tmp_path)
+    G = 4
+    ref, _ = _steps(pattern, 1, G, shuffle, 30)
+    assert _steps(pattern, 2, G, shuffle, 30)[0] == ref == _steps(pattern, 4, G, shuffle, 30)[0]
+    _, state = _steps(pattern, 2, G, shuffle, 7)
+    for world in (1, 4):
+        assert _steps(pattern, world, G, shuffle, 23, state)[0] == ref[7:]
+    with pytest.raises(LlmpyError, match="step_samples was 4"):
+        _steps(pattern, 1, 2, shuffle, 1, state)
+
+
+def test_old_loader_states_resume_or_are_refused(tmp_path):
+    """Version-1 states (samples of world*B*T tokens): exact without shuffling, one line
+    with it."""
+    pattern = make_shards(tmp_path)
+    old = {"epoch": 0, "shard_idx": 1, "sample_idx": 3, "B": B, "T": T, "world": 2,
+           "shuffle": 0, "seed": 42, "num_shards": 3}
+    ld = DistributedDataLoader(pattern, B, T)
+    ld.load_state_dict(old)
+    assert ld.next_batch()[0][0, 0] == shard_start(1) + 3 * 2 * B * T
+    with pytest.raises(LlmpyError, match="older llm.py"):
+        DistributedDataLoader(pattern, B, T, shuffle=True).load_state_dict({**old, "shuffle": 1})
+
+
+def test_resume_llmc_with_several_processes(tmp_path):
+    """llm.c's header counts samples of nproc*B*T tokens."""
+    pattern = make_shards(tmp_path)
+    ld = DistributedDataLoader(pattern, B, T)
+    ld.resume_llmc(0, 4, nproc=2)
+    assert ld.next_batch()[0][0, 0] == 5 * 2 * B * T

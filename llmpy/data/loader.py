@@ -4,11 +4,18 @@ Mirrors llmc/dataloader.h (DataLoader, EvalLoader). Shards are llm.c token files
 magic 20240520) opened as memmaps, so a batch reads only its own B*T+1 tokens.
 
 Differences from llm.c, on purpose:
-- The shuffle is a pure function of (seed, epoch, shard): every rank draws the same shard
-  order and the same sample order, so the ranks read disjoint windows of one global sample.
-  (llm.c seeds each rank with 42 + rank, so ranks can read overlapping windows.)
-- The loader state is three integers (epoch, shard_idx, sample_idx) that are the same on
-  every rank; loading it replays the exact batch sequence, shuffled or not.
+- A sample is B*T tokens (llm.c: nproc*B*T), and the shuffle permutes those samples. One
+  optimizer step takes `step_samples` = total batch / (B*T) consecutive samples of the
+  stream; on call c rank r reads sample c*world + r. So the sequence of global batches
+  depends on the seed, B*T and the total batch only: 1 rank with 4x accumulation, 2 ranks
+  with 2x and 4 ranks with 1x see the same tokens in the same steps, shuffled or not.
+  (llm.c's order depends on the process count, and it seeds each rank with 42 + rank.)
+- The shuffle is a pure function of (seed, epoch, shard), the same on every rank. Each shard
+  keeps a multiple of step_samples samples (the tail is dropped), so a step never straddles
+  two shards or two epochs.
+- The loader state is three integers (epoch, shard_idx, sample_idx), the same on every rank;
+  loading it replays the exact batch sequence, shuffled or not, on any process count that
+  divides step_samples.
 - EvalLoader crops an example's context from the left when context + ending exceeds T
   (llm.c asserts); endings longer than T-1 tokens are an error.
 """
@@ -37,21 +44,30 @@ def _check_int(name: str, value, lo: int) -> int:
 class DistributedDataLoader:
     """Batches (x, y) of shape (B, T) from the token shards matching `pattern`.
 
-    One global sample is world*B*T consecutive tokens of a shard; rank r reads the B*T+1
-    tokens starting at sample_start + r*B*T, so x = window[:-1] and y = window[1:]. Each
-    shard holds (ntok - 1) // (world*B*T) samples (the tail is dropped). After the last
-    shard the loader wraps to the first and `epoch` goes up by one. With shuffle=True the
-    shard order and the sample order inside each shard are re-drawn every epoch.
+    A sample is B*T consecutive tokens of a shard: window = B*T+1 tokens from its start,
+    x = window[:-1], y = window[1:]. Each shard holds (ntok - 1) // (B*T) samples, rounded
+    down to a multiple of `step_samples` (the samples of one optimizer step, all ranks and
+    micro-steps together; default `world`). Call c of rank r reads sample c*world + r of the
+    stream. After the last shard the loader wraps to the first and `epoch` goes up by one.
+    With shuffle=True the shard order and the sample order inside each shard are re-drawn
+    every epoch.
     """
 
+    STATE_VERSION = 2  # 1 (no "version" key): samples of world*B*T tokens
+
     def __init__(self, pattern, B: int, T: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = False, seed: int = 42, vocab_size: int | None = None):
+                 shuffle: bool = False, seed: int = 42, step_samples: int | None = None,
+                 vocab_size: int | None = None):
         self.vocab_size = vocab_size  # token ids are checked against it batch by batch
         self.B, self.T = _check_int("B", B, 1), _check_int("T", T, 1)
         self.world = _check_int("world", world, 1)
         self.rank = _check_int("rank", rank, 0)
         if self.rank >= self.world:
             raise LlmpyError(f"data loader: rank {rank} must be < world {world}")
+        self.step_samples = _check_int("step_samples", step_samples or self.world, 1)
+        if self.step_samples % self.world:
+            raise LlmpyError(f"data loader: step_samples {self.step_samples} (total batch / "
+                             f"B*T) must be a multiple of the process count {self.world}")
         self.shuffle, self.seed = bool(shuffle), _check_int("seed", seed, 0)
         self.pattern = str(pattern)
         if os.path.isdir(os.path.expanduser(self.pattern)):
@@ -63,14 +79,15 @@ class DistributedDataLoader:
             raise LlmpyError(f"data loader: no token shards match {self.pattern!r} (build them "
                              f"with `llmpy data ...`, or check the -i/-j pattern)")
         # Validate every shard now, so a bad file fails before training starts.
-        self.sample_tokens = self.world * self.B * self.T
+        self.sample_tokens = self.B * self.T
+        G = self.step_samples
         self.shard_tokens = [shard_num_tokens(f) for f in self.files]
-        self.shard_samples = [(n - 1) // self.sample_tokens for n in self.shard_tokens]
+        self.shard_samples = [(n - 1) // self.sample_tokens // G * G for n in self.shard_tokens]
         for f, n, s in zip(self.files, self.shard_tokens, self.shard_samples):
             if s < 1:
-                raise FormatError(f, "num_tokens", f">= {self.sample_tokens + 1} (one window of "
-                                  f"world*B*T+1 = {self.world}*{self.B}*{self.T}+1 tokens)", n,
-                                  "use a smaller B or T, fewer ranks, or larger shards")
+                raise FormatError(f, "num_tokens", f">= {G * self.sample_tokens + 1} (one step "
+                                  f"of {G} samples of B*T = {self.B}*{self.T} tokens, +1)", n,
+                                  "use a smaller B, T or total batch, or larger shards")
         self.reset()
 
     @property
@@ -79,13 +96,13 @@ class DistributedDataLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Global samples per epoch: every rank takes this many batches per epoch."""
-        return sum(self.shard_samples)
+        """Batches every rank takes per epoch (samples per epoch / world)."""
+        return sum(self.shard_samples) // self.world
 
     @property
     def tokens_per_epoch(self) -> int:
-        """Tokens all ranks together consume in one epoch (world*B*T per batch)."""
-        return self.batches_per_epoch * self.sample_tokens
+        """Tokens all ranks together consume in one epoch (B*T per sample)."""
+        return sum(self.shard_samples) * self.sample_tokens
 
     # ---- position and shuffling ----------------------------------------------------------
 
@@ -130,7 +147,7 @@ class DistributedDataLoader:
             if len(self._tokens) != self.shard_tokens[shard]:
                 raise FormatError(self.files[shard], "num_tokens", self.shard_tokens[shard],
                                   len(self._tokens), "the shard changed while training")
-        start = int(self._samples[self.sample_idx]) * self.sample_tokens + self.rank * B * T
+        start = int(self._samples[self.sample_idx + self.rank]) * self.sample_tokens
         window = np.array(self._tokens[start:start + B * T + 1], dtype=np.int32)  # (B*T+1,)
         if self.vocab_size and window.size and int(window.max()) >= self.vocab_size:
             at = start + int(window.argmax())
@@ -144,7 +161,7 @@ class DistributedDataLoader:
         return x, y
 
     def _advance(self) -> None:
-        self.sample_idx += 1
+        self.sample_idx += self.world  # shards hold a multiple of step_samples, so of world
         if self.sample_idx < len(self._samples):
             return
         self.sample_idx = 0
@@ -161,24 +178,39 @@ class DistributedDataLoader:
     # ---- resume --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Where the next batch comes from, plus the settings that must match on resume.
-        Identical on every rank (the rank is not part of it)."""
-        return {"epoch": self.epoch, "shard_idx": self.shard_idx, "sample_idx": self.sample_idx,
-                "B": self.B, "T": self.T, "world": self.world, "shuffle": int(self.shuffle),
-                "seed": self.seed, "num_shards": self.num_shards}
+        """Where the next step's samples come from, plus the settings that must match on
+        resume. Identical on every rank and, between steps, on any process count."""
+        return {"version": self.STATE_VERSION, "epoch": self.epoch,
+                "shard_idx": self.shard_idx, "sample_idx": self.sample_idx, "B": self.B,
+                "T": self.T, "world": self.world, "step_samples": self.step_samples,
+                "shuffle": int(self.shuffle), "seed": self.seed, "num_shards": self.num_shards}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state_dict()` was taken (any rank's state will do). A state
-        saved with another process count keeps its epoch and shard, and maps the sample index
-        by tokens consumed (exact without shuffling; with shuffling the rest of that shard is
-        drawn in this run's order)."""
+        """Continue exactly where `state_dict()` was taken (any rank's state will do), also
+        with another process count, as long as the total batch (step_samples) is the same.
+        A state of an older llm.py (version 1, samples of world*B*T tokens) resumes exactly
+        without shuffling, and is refused with shuffling (its order cannot be reproduced)."""
         state = self._rescaled(state)
         mine = self.state_dict()
-        for key in ("B", "T", "world", "shuffle", "seed", "num_shards"):
+        for key, flag in (("B", "-b"), ("T", "-t"), ("step_samples", "-d / (B*T)"),
+                          ("shuffle", "--shuffle"), ("seed", "--seed"),
+                          ("num_shards", "the data")):
             if key in state and int(state[key]) != mine[key]:
                 raise LlmpyError(f"data loader resume: {key} was {state[key]} when the state "
                                  f"was saved, but this run has {mine[key]}; resume with the "
-                                 f"same -b/-t/process count/data (or start a fresh run)")
+                                 f"same {flag} (or start a fresh run)")
+        epoch, shard_idx, sample_idx = self._position(state)
+        shard = int(self.shard_order(epoch)[shard_idx])
+        if not 0 <= sample_idx < self.shard_samples[shard]:
+            raise LlmpyError(f"data loader resume: sample_idx {sample_idx} out of range for "
+                             f"{self.files[shard]} ({self.shard_samples[shard]} samples)")
+        if sample_idx % self.world:
+            raise LlmpyError(f"data loader resume: sample_idx {sample_idx} is not a multiple "
+                             f"of the process count {self.world}; resume on a process count "
+                             f"that divides the samples per step ({self.step_samples})")
+        self._seek(epoch, shard_idx, sample_idx)
+
+    def _position(self, state: dict) -> tuple[int, int, int]:
         try:
             epoch, shard_idx, sample_idx = (int(state[k]) for k in
                                             ("epoch", "shard_idx", "sample_idx"))
@@ -188,47 +220,60 @@ class DistributedDataLoader:
         if epoch < 0 or not 0 <= shard_idx < self.num_shards:
             raise LlmpyError(f"data loader resume: epoch {epoch}, shard_idx {shard_idx} out of "
                              f"range for {self.num_shards} shards")
-        shard = int(self.shard_order(epoch)[shard_idx])
-        if not 0 <= sample_idx < self.shard_samples[shard]:
-            raise LlmpyError(f"data loader resume: sample_idx {sample_idx} out of range for "
-                             f"{self.files[shard]} ({self.shard_samples[shard]} samples)")
-        self._seek(epoch, shard_idx, sample_idx)
+        return epoch, shard_idx, sample_idx
 
-    def resume_llmc(self, shard_idx: int, sample_idx: int) -> None:
+    def _at_sample(self, epoch: int, shard_idx: int, sample: int, what: str) -> None:
+        """Seek to sample `sample` (B*T units) of a shard, or the next shard's start if the
+        shard has no such sample (its tail was dropped)."""
+        self._seek(epoch, shard_idx, 0)
+        if sample >= len(self._samples):
+            self.sample_idx = len(self._samples) - self.world
+            self._advance()
+        elif sample % self.world:
+            raise LlmpyError(f"{what}: sample {sample} of {self.sample_tokens} tokens is not a "
+                             f"multiple of the process count {self.world}; resume on the "
+                             f"process count that wrote it")
+        else:
+            self.sample_idx = sample
+
+    def resume_llmc(self, shard_idx: int, sample_idx: int, nproc: int = 1) -> None:
         """Continue after the position in an llm.c state file's header (its loader keeps the
-        index of the last sample it drew, in shard `shard_idx`): the next batch is sample
-        sample_idx + 1 of that shard, or the start of the next shard. Exact without
-        shuffling; with shuffling the shard and sample orders are this loader's, not llm.c's
-        mt19937 ones."""
+        index of the last sample of nproc*B*T tokens it drew, in shard `shard_idx`): the next
+        batch is sample sample_idx + 1 of that shard, or the start of the next shard. Exact
+        without shuffling; with shuffling the shard and sample orders are this loader's, not
+        llm.c's mt19937 ones."""
         if not 0 <= shard_idx < self.num_shards:
             raise LlmpyError(f"llm.c state resume: shard index {shard_idx} out of range for "
                              f"{self.num_shards} shards of {self.pattern}")
-        self._seek(0, shard_idx, 0)
-        n = len(self._samples)
+        n = (self.shard_tokens[int(self.shard_order(0)[shard_idx])] - 1) // (
+            nproc * self.sample_tokens)
         if sample_idx == 2**64 - 1:  # llm.c's (size_t) -1: nothing drawn from this shard yet
             sample_idx = -1
         if not -1 <= sample_idx < n:
             raise LlmpyError(f"llm.c state resume: sample index {sample_idx} out of range for "
-                             f"shard {shard_idx} ({n} samples of {self.sample_tokens} tokens)")
-        self.sample_idx = sample_idx
-        self._advance()
+                             f"shard {shard_idx} ({n} samples of {nproc}*{self.sample_tokens} "
+                             f"tokens)")
+        self._at_sample(0, shard_idx, (sample_idx + 1) * nproc, "llm.c state resume")
 
     def _rescaled(self, state: dict) -> dict:
-        if int(state.get("world", self.world)) == self.world:
+        """A version-1 state (samples of world*B*T tokens) as a version-2 one."""
+        if int(state.get("version", 1)) >= self.STATE_VERSION:
             return state
+        if int(state.get("shuffle", 0)):
+            raise LlmpyError("data loader resume: this checkpoint was written by an older "
+                             "llm.py whose shuffled order depended on the process count; it "
+                             "cannot continue exactly: resume it with that llm.py, or start "
+                             "a fresh run")
         try:
-            old_tokens = (int(state["sample_idx"]) * int(state["world"]) * int(state["B"]) *
-                          int(state["T"]))
-            epoch, shard_idx = int(state["epoch"]), int(state["shard_idx"])
+            old_world, old_bt = int(state["world"]), int(state["B"]) * int(state["T"])
         except (KeyError, TypeError, ValueError):
-            raise LlmpyError(f"data loader resume: state needs integer epoch, shard_idx, "
-                             f"sample_idx, world, B and T, got {state!r}") from None
-        if epoch < 0 or not 0 <= shard_idx < self.num_shards:
-            raise LlmpyError(f"data loader resume: epoch {epoch}, shard_idx {shard_idx} out of "
-                             f"range for {self.num_shards} shards")
-        shard = int(self.shard_order(epoch)[shard_idx])
-        sample_idx = min(old_tokens // self.sample_tokens, self.shard_samples[shard] - 1)
-        return dict(state, world=self.world, B=self.B, T=self.T, sample_idx=sample_idx)
+            raise LlmpyError(f"data loader resume: state needs integer world, B and T, got "
+                             f"{state!r}") from None
+        if old_bt != self.sample_tokens:
+            return state  # the B/T check in load_state_dict names the mismatch
+        epoch, shard_idx, sample_idx = self._position(state)
+        self._at_sample(epoch, shard_idx, sample_idx * old_world, "data loader resume")
+        return dict(self.state_dict(), B=state["B"], T=state["T"])
 
     def permutations(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(shard order, sample order of the current shard) as int32, for llm.c's state
