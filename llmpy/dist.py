@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from .errors import LlmpyError
@@ -237,36 +238,93 @@ def init(rc, device: str, engine: str = "torch") -> Dist:
 
 class GradSync:
     """Gradients across ranks, and the AdamW step: whole (ZeRO-0: all-reduce, every rank
-    updates every parameter) or sharded (ZeRO-1: reduce-scatter, each rank updates its
-    1/world slice of the flat parameters and AdamW state, then all-gather). One process: the
-    engine's own grad_norm and step, untouched."""
+    updates every parameter) or sharded (ZeRO-1: each gradient reduced to the rank that owns
+    it, each rank updates its 1/world slice of the flat parameters and AdamW state, then
+    all-gather). One process: the engine's own grad_norm and step, untouched.
 
-    def __init__(self, engine, dist: Dist, zero: int):
-        self.engine, self.dist = engine, dist
-        self.shard = None
+    Buckets are the ranges the engine reports through its `grad_ready` hook during the last
+    micro-step's backward (the loop calls `arm(True)` before it). With overlap each bucket's
+    collective starts at once, asynchronously, and `reduce` waits on them all; without, the
+    same collectives on the same buckets run after the backward, so both give bitwise the
+    same gradients. `comm_s` is the time this step spent blocked in collectives."""
+
+    def __init__(self, engine, dist: Dist, zero: int, overlap: bool = True):
+        self.engine, self.dist, self.overlap = engine, dist, bool(overlap)
+        self.shard, self.armed, self.buckets, self.handles = None, False, [], []
+        self.comm_s = 0.0
         if dist.world > 1:
             if not engine.distributed:
                 raise LlmpyError(f"--engine {engine.name}: runs in one process only; use "
                                  f"--engine torch or triton for multi-process training")
             if zero:
                 self.shard = dist.shard_range(engine.config.num_params)
+            engine.grad_ready = self._ready
+
+    def arm(self, last_micro_step: bool) -> None:
+        """Called before each backward: only the last micro-step's gradients cross ranks."""
+        self.armed = last_micro_step
+        if last_micro_step:
+            self.buckets, self.handles, self.comm_s = [], [], 0.0
+
+    def _ready(self, ranges) -> None:
+        if not self.armed:
+            return
+        self.buckets.append(list(ranges))
+        if self.overlap:
+            self._launch(ranges)
+
+    def _launch(self, ranges) -> None:
+        """SUM each range across ranks (ZeRO-1: onto the ranks owning its pieces), async."""
+        import torch.distributed as tdist
+        grad, SUM = self.engine.flat_grad, tdist.ReduceOp.SUM
+        for a, b in ranges:
+            if self.shard is None:
+                self.handles.append(tdist.all_reduce(grad[a:b], op=SUM, async_op=True))
+                continue
+            size = -(-grad.numel() // self.dist.world)
+            for owner in range(a // size, (b - 1) // size + 1):
+                lo, hi = max(a, owner * size), min(b, (owner + 1) * size)
+                self.handles.append(tdist.reduce(grad[lo:hi], dst=owner, op=SUM,
+                                                 async_op=True))
+
+    def _wait(self) -> None:
+        if not self.overlap:
+            for ranges in self.buckets:
+                self._launch(ranges)
+        t0 = time.perf_counter()
+        for h in self.handles:
+            h.wait()
+        self.comm_s += time.perf_counter() - t0
+        self.handles = []
+        covered = sum(b - a for ranges in self.buckets for a, b in ranges)
+        if covered != self.engine.config.num_params:
+            raise RuntimeError(f"GradSync: the engine reported {covered} gradients ready, "
+                               f"expected {self.engine.config.num_params} (arm() before the "
+                               f"last backward?)")
 
     def reduce(self) -> float:
         """Average the gradients over ranks; return the global gradient norm."""
         if self.dist.world == 1:
             return self.engine.grad_norm()
+        self._wait()
         grad = self.engine.flat_grad
         if self.shard is None:
-            self.dist.all_reduce_avg_(grad)
+            grad.div_(self.dist.world)
             return self.engine.grad_norm()
         import torch
-        mine = self.dist.reduce_scatter_avg_(grad)
+        mine = grad[self.shard[0]:self.shard[1]]
+        mine.div_(self.dist.world)
         sq = torch.linalg.vector_norm(mine, dtype=torch.float32).item() ** 2
-        return math.sqrt(self.dist.sum(sq))
+        t0 = time.perf_counter()
+        norm = math.sqrt(self.dist.sum(sq))
+        self.comm_s += time.perf_counter() - t0
+        return norm
 
     def step(self, lr: float, t: int, **hyper) -> None:
         if self.shard is None:
             self.engine.step(lr, t, **hyper)
             return
         self.engine.step(lr, t, shard=self.shard, **hyper)
+        t0 = time.perf_counter()
         self.dist.all_gather_(self.engine.flat)
+        self.comm_s += time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """Run logs (llm.c's llmc/logger.h): main.log in llm.c's line format, metrics.jsonl beside it
 with full-precision values, and the start-up table of settings.
 
-    s:%d trl:%.4f lr:%.6f norm:%.2f     train loss (and the lr and grad norm of that step)
+    s:%d trl:%.4f lr:%.6f norm:%.2f     train loss (and the lr and grad norm of that step;
+                                        with several processes ` comm:%.1f`, ms in collectives)
     s:%d tel:%.4f                       val loss
     s:%d eval:%.4f                      HellaSwag accuracy
 """
@@ -32,9 +33,13 @@ class Logger:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
 
-    def train(self, step, loss, lr, norm, **more):
-        self._write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}",
-                    {"step": step, "train_loss": loss, "lr": lr, "norm": norm, **more})
+    def train(self, step, loss, lr, norm, comm_ms=None, **more):
+        """comm_ms (several processes only): time blocked in collectives, appended to the
+        main.log line as comm:%.1f (ms) and kept in metrics.jsonl as comm_ms."""
+        comm = "" if comm_ms is None else f" comm:{comm_ms:.1f}"
+        extra = {} if comm_ms is None else {"comm_ms": comm_ms}
+        self._write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}{comm}",
+                    {"step": step, "train_loss": loss, "lr": lr, "norm": norm, **more, **extra})
 
     def val(self, step, loss):
         self._write(f"s:{step} tel:{loss:.4f}", {"step": step, "val_loss": loss})

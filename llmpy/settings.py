@@ -63,6 +63,7 @@ class RunConfig:
     compile: int = -1
     seed: int = 1337
     shuffle: int = 1
+    overlap: int = 1
     nan_policy: str = "skip"
     prompt: str = ""
     top_k: int = 0
@@ -126,6 +127,8 @@ FLAGS = [
     (None, "--compile", "compile", int, "torch.compile (torch engine; -1 = on for CUDA)"),
     (None, "--seed", "seed", int, "seed for init, data shuffling and sampling"),
     (None, "--shuffle", "shuffle", int, "shuffle train shards and samples each epoch (0/1)"),
+    (None, "--overlap", "overlap", int, "all-reduce gradients during the backward (0/1; "
+     "several processes; the same result either way)"),
     (None, "--nan-policy", "nan_policy", str, "on a non-finite loss or gradient: skip|stop"),
     (None, "--prompt", "prompt", str, "text to continue when sampling (default: EOT)"),
     (None, "--top-k", "top_k", int, "top-k when sampling (0 = off)"),
@@ -211,7 +214,7 @@ def validate(rc: RunConfig) -> None:
     for flag, name in (("-h", "hellaswag"), ("-a", "overfit"), ("-y", "resume"),
                        ("-w", "master_weights"), ("-ge", "gelu_fusion"), ("-f", "tf32"),
                        ("--shuffle", "shuffle"), ("--overwrite", "overwrite"),
-                       ("--allow-changes", "allow_changes")):
+                       ("--allow-changes", "allow_changes"), ("--overlap", "overlap")):
         need(getattr(rc, name) in (0, 1), flag, "0 or 1", getattr(rc, name))
     need(rc.checkpoint_every >= 0, "-n", ">= 0", rc.checkpoint_every)
     need(rc.keep_last >= 0, "-nk", ">= 0", rc.keep_last)

@@ -178,7 +178,7 @@ def _make_engine(run: Run, params: np.ndarray) -> None:
     run.engine = make_engine(run.engine_name, run.config,
                              **engine_options(run.engine_name, run.device, run.rc))
     run.engine.set_params(params)
-    run.sync = GradSync(run.engine, run.dist, run.rc.zero)
+    run.sync = GradSync(run.engine, run.dist, run.rc.zero, overlap=run.rc.overlap)
     if run.resume_state is not None:
         st = run.resume_state["state"]
         run.engine.set_optimizer_state(st["m"], st["v"], st["master"])
@@ -299,13 +299,14 @@ def optimizer_step(run: Run, step: int) -> None:
     t0 = time.perf_counter()
     engine.zero_grad()
     loss = 0.0
-    for _ in range(run.grad_accum):
+    for micro in range(run.grad_accum):
         if rc.overfit:
             run.overfit_batch = run.overfit_batch or run.train_loader.next_batch()
             x, y = run.overfit_batch
         else:
             x, y = run.train_loader.next_batch()
         loss += engine.forward(x, y) / run.grad_accum
+        run.sync.arm(micro == run.grad_accum - 1)  # gradients cross ranks during this one
         engine.backward(1.0 / run.grad_accum)
     loss = dist.mean(loss)    # identical on every rank from here on
     norm = run.sync.reduce()  # averages gradients across ranks; the global norm
@@ -335,19 +336,22 @@ def optimizer_step(run: Run, step: int) -> None:
     if step > run.start_step:  # the first step includes warm-up (compile, allocation)
         run.step_times.append(dt)
     run.summary["losses"][step] = loss
-    run.logger.train(step, loss, lr, norm, skipped=skip or None, ms=dt * 1e3)
+    comm_ms = run.sync.comm_s * 1e3 if dist.world > 1 else None
+    run.logger.train(step, loss, lr, norm, skipped=skip or None, ms=dt * 1e3, comm_ms=comm_ms)
     if dist.master:
-        _print_step(run, step, loss, zloss, norm, znorm, lr, dt, skip)
+        _print_step(run, step, loss, zloss, norm, znorm, lr, dt, skip, comm_ms)
 
 
-def _print_step(run, step, loss, zloss, norm, znorm, lr, dt, skip) -> None:
+def _print_step(run, step, loss, zloss, norm, znorm, lr, dt, skip, comm_ms) -> None:
     peak = peak_flops(run.device)
     tok_s = run.total_batch / dt
     mfu = f" | MFU {100 * tok_s * flops_per_token(run.config, run.rc.seq_len) / peak:.1f}%" \
         if peak else ""
     print(f"step {step + 1:4d}/{run.steps} | loss {loss:.6f} ({zloss:+.2f}z) | norm "
           f"{norm:.4f} ({znorm:+.2f}z) | lr {lr:.2e} | {dt * 1e3:.1f} ms{mfu} | "
-          f"{tok_s:,.0f} tok/s" + (f" | SKIPPED ({skip})" if skip else ""), flush=True)
+          f"{tok_s:,.0f} tok/s" + (f" | comm wait {comm_ms:.1f} ms" if comm_ms is not None
+                                   else "") + (f" | SKIPPED ({skip})" if skip else ""),
+          flush=True)
     every = run.rc.gpu_log_every
     if every > 0 and step % every == 0 and run.device.startswith("cuda"):
         import torch

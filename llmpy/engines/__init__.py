@@ -38,6 +38,11 @@ distributed only
     step(..., shard=(start, end))
                     the same update on flat[start:end] only (ZeRO-1): the shards of one
                     step together give the full step
+    grad_ready      None, or a callable(ranges) the caller sets: during backward() the
+                    engine calls it with a list of [start, end) ranges of flat_grad as soon
+                    as those gradients are final for this backward (every element exactly
+                    once per backward, wte last), so llmpy.dist can start their all-reduce
+                    while the rest of the backward runs. Engines know nothing else of it.
 
 inference (no gradient state touched; the loop calls these between steps)
     logits(inputs) -> np.ndarray (B, T, V) float32, unpadded
@@ -95,7 +100,7 @@ class Engine(Protocol):
     def step(self, lr: float, t: int, weight_decay: float = 0.0, beta1: float = 0.9,
              beta2: float = 0.95, eps: float = 1e-8, grad_scale: float = 1.0,
              shard: tuple[int, int] | None = None) -> None: ...   # shard: distributed only
-    # distributed only: flat, flat_grad (torch.Tensor, (num_params,))
+    # distributed only: flat, flat_grad (torch.Tensor, (num_params,)), grad_ready
 
     def logits(self, inputs) -> np.ndarray: ...
     def token_losses(self, inputs, targets) -> np.ndarray: ...

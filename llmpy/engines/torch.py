@@ -139,6 +139,11 @@ class TorchEngine:
         for name, p in self.model.named_parameters():
             # autograd adds into an existing .grad in place, so grads accumulate in flat_grad.
             p.grad = views["grad"][name]
+            # a stacked tensor is used by every layer, so its gradient is final only when
+            # autograd has accumulated the last use (layer 0): overlap is per tensor here
+            p.register_post_accumulate_grad_hook(
+                lambda _, r=offsets[name]: self.grad_ready and self.grad_ready([r]))
+        self.grad_ready = None  # set by llmpy.dist (engine contract)
 
         # AdamW over two groups (decayed 2-D tensors, the rest); its state is the m, v views,
         # and the step count is set from t before every step, so nothing else needs saving.

@@ -174,6 +174,7 @@ class TritonEngine:
         shapes, self.offsets = config.param_shapes(), config.param_offsets()
         self.p = {k: self.params[a:b].view(shapes[k]) for k, (a, b) in self.offsets.items()}
         self.g = {k: self.grads[a:b].view(shapes[k]) for k, (a, b) in self.offsets.items()}
+        self.grad_ready = None  # set by llmpy.dist (engine contract)
         self.acts = None
         self._pending = False      # a forward with targets waits for its backward
         self._cache = None         # KVCache of prefill/decode
@@ -376,6 +377,7 @@ class TritonEngine:
         g["wte"].addmm_(a.logits.t(), a.lnf, alpha=gs)                       # (Vp, C)
         ln_backward(dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_mean, a.lnf_rstd, g["lnfw"],
                     g["lnfb"], g["fcprojb"][L - 1], accumulate=False)
+        self._ready(["lnfw", "lnfb"])
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             # MLP: fcproj, GELU, fc, ln2
@@ -407,7 +409,22 @@ class TritonEngine:
             torch.mm(a.dqkv, p["qkvw"][l], out=dbtc)                       # (N, C)
             ln_backward(dbtc, residual, p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l],
                         g["ln1w"][l], g["ln1b"][l], g["fcprojb"][l - 1] if l > 0 else None)
+            self._ready(LAYER_NAMES, layer=l)  # all of layer l (fcprojb[l] came before)
         encoder_backward(dres.view(B, T, C), a.plan, a.plan_counts, g["wte"], g["wpe"])
+        self._ready(["wpe", "wte"])
+
+    def _ready(self, names, layer=None) -> None:
+        """Tell grad_ready (if set) that these tensors' gradients (layer `layer` of each, for
+        the stacked ones) are final for this backward."""
+        if self.grad_ready is None:
+            return
+        L, ranges = self.config.num_layers, []
+        for name in names:
+            a, b = self.offsets[name]
+            if layer is not None:
+                a, b = a + layer * (b - a) // L, a + (layer + 1) * (b - a) // L
+            ranges.append((a, b))
+        self.grad_ready(ranges)
 
     def zero_grad(self) -> None:
         self.grads.zero_()
