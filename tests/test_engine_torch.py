@@ -309,3 +309,22 @@ def test_compile_turns_off_inductors_mix_order_reduction():
         assert inductor_config.triton.mix_order_reduction is False
     finally:
         inductor_config.triton.mix_order_reduction = before
+
+
+def test_grad_ready_reports_each_tensor_once_when_final():
+    """The engine contract's grad_ready hook (issue 16): each of the 16 tensors' ranges is
+    reported once per backward, after its gradient is final (autograd's post-accumulate
+    hook), so llmpy.dist may all-reduce it while the backward goes on."""
+    import torch
+    e = engine("fp32")
+    x, y = batch()
+    seen = []
+    e.grad_ready = lambda ranges: seen.extend((a, b, e.flat_grad[a:b].clone())
+                                              for a, b in ranges)
+    for _ in range(2):  # accumulation: reported on every backward
+        seen.clear()
+        e.forward(x, y)
+        e.backward(0.5)
+        assert sorted((a, b) for a, b, _ in seen) == sorted(SMALL.param_offsets().values())
+        for a, b, snap in seen:
+            assert torch.equal(snap, e.flat_grad[a:b]), (a, b)

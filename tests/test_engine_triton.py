@@ -366,3 +366,25 @@ def test_kill_and_resume_on_gpu_is_bit_exact(tmp_path):
     sa, sb = (read_state(ckpt.state_path(tmp_path / r, 2 * k, 0)) for r in ("a", "b"))
     for key in ("m", "v", "master"):
         assert np.array_equal(sa[key], sb[key]), key
+
+
+def test_grad_ready_reports_each_range_once_when_final():
+    """The engine contract's grad_ready hook (issue 16): every gradient element is reported
+    exactly once per backward, and a reported range no longer changes, so llmpy.dist may
+    all-reduce it while the backward goes on."""
+    e = engine()
+    x, y = batch()
+    seen = []
+    e.grad_ready = lambda ranges: seen.extend((a, b, e.flat_grad[a:b].clone())
+                                              for a, b in ranges)
+    for _ in range(2):  # accumulation: reported on every backward
+        seen.clear()
+        e.forward(x, y)
+        e.backward(0.5)
+        counts = np.zeros(SMALL.num_params, dtype=int)
+        for a, b, snap in seen:
+            counts[a:b] += 1
+            assert torch.equal(snap, e.flat_grad[a:b]), (a, b)
+        assert (counts == 1).all()
+    # lnf's two, then the 12 per-layer slices of each layer, then wpe and wte
+    assert len(seen) == 2 + 12 * SMALL.num_layers + 2
