@@ -137,8 +137,10 @@ def _data(rc: RunConfig, dist, engine_name: str, device: str, config: ModelConfi
     if total_batch % tokens_per_micro:
         raise LlmpyError(f"-d: total batch {total_batch} must be divisible by B*T*processes = "
                          f"{B}*{T}*{world} = {tokens_per_micro}")
+    # -a 1 reads only the first batch, so its shard need not hold a whole step
     train_loader = DistributedDataLoader(train_glob, B, T, dist.rank, world, shuffle=shuffle,
-                                         seed=rc.seed, step_samples=total_batch // (B * T),
+                                         seed=rc.seed, step_samples=None if rc.overfit else
+                                         total_batch // (B * T),
                                          vocab_size=(V := config.vocab_size))
     val_loader = DistributedDataLoader(val_glob, B, T, dist.rank, world, vocab_size=V) \
         if val_glob else None

@@ -277,7 +277,8 @@ class DistributedDataLoader:
 
     def permutations(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(shard order, sample order of the current shard) as int32, for llm.c's state
-        file; (None, None) without shuffling."""
+        file; (None, None) without shuffling. The sample order is over samples of B*T
+        tokens: llm.c reads it as its own (nproc*B*T) only for one process."""
         if not self.shuffle:
             return None, None
         return self._shards.astype(np.int32), self._samples.astype(np.int32)
