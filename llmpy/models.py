@@ -129,6 +129,18 @@ def engine_options(engine: str, device: str, rc=None) -> dict:
     return opts
 
 
+def engine_flags_row(rc, engine: str, device: str) -> str:
+    """The engine-specific settings in force; flags this engine ignores are named."""
+    if engine == "triton":
+        return (f"-r {rc.recompute} -w {rc.master_weights} --attention {rc.attention}; "
+                f"--dtype/--compile not used (bf16, no compile)")
+    if engine == "torch":
+        opts = engine_options(engine, device, rc)
+        return (f"dtype {opts['dtype']}, compile {int(opts['compile'])}; "
+                f"-r/-w/--attention not used")
+    return "fp32; -r/-w/--attention/--dtype/--compile not used"
+
+
 def build_engine(spec: str, engine: str = "auto", device: str = "auto", flag: str = "MODEL"):
     """Load a model spec into a fresh engine for inference (sample, eval): the engine and the
     file it was read from (or the spec)."""

@@ -27,8 +27,8 @@ from .config import ModelConfig
 from .errors import LlmpyError, TrainingStopped
 from .logger import Logger, print_table
 from .mfu import flops_per_token, peak_flops
-from .models import cuda_available, engine_options, load_model, peek_config, \
-    pick_engine_and_device
+from .models import cuda_available, engine_flags_row, engine_options, load_model, \
+    peek_config, pick_engine_and_device
 from .outlier_detector import OutlierDetector
 from .preempt import StopOnSignal
 from .run_dir import check_out_dir, check_resume, new_run_id, run_record
@@ -195,23 +195,11 @@ def _make_engine(run: Run, params: np.ndarray) -> None:
             run.norm_det.load_state_dict(extra["outliers"]["norm"])
 
 
-def _engine_row(rc: RunConfig, engine: str, device: str) -> str:
-    """The engine-specific settings in force; flags this engine ignores are named."""
-    if engine == "triton":
-        return (f"-r {rc.recompute} -w {rc.master_weights} --attention {rc.attention}; "
-                f"--dtype/--compile not used (bf16, no compile)")
-    if engine == "torch":
-        opts = engine_options(engine, device, rc)
-        return (f"dtype {opts['dtype']}, compile {int(opts['compile'])}; "
-                f"-r/-w/--attention not used")
-    return "fp32; -r/-w/--attention/--dtype/--compile not used"
-
-
 def print_startup(run: Run) -> None:
     rc, tl = run.rc, run.train_loader
     print_table("llm.py train", [
         ("engine", f"{run.engine_name} on {run.device}"),
-        ("engine flags", _engine_row(rc, run.engine_name, run.device)),
+        ("engine flags", engine_flags_row(rc, run.engine_name, run.device)),
         ("model", rc.init or "d12"), ("shape", run.config.describe()),
         ("train data", f"{run.train_glob} ({tl.num_shards} shards, "
                        f"{tl.tokens_per_epoch:,} tokens/epoch)"),
