@@ -50,22 +50,24 @@ def hellaswag_accuracy(engine, loader, progress: bool = False) -> float:
     return correct / max(total, 1)
 
 
-def hellaswag_counts(engine, loader, progress: bool = False) -> tuple[int, int]:
-    """(correct, examples) over this rank's share of the eval file."""
+def hellaswag_counts(engine, loader, progress: bool | None = False) -> tuple[int, int]:
+    """(correct, examples) over this rank's share of the eval file (progress as val_loss)."""
     correct = total = 0
-    for batch in tqdm(loader, total=loader.num_batches, disable=not progress, desc="hellaswag",
-                      unit="batch"):
+    for batch in tqdm(loader, total=loader.num_batches, desc="hellaswag", unit="batch",
+                      disable=None if progress is None else not progress, leave=False):
         losses = token_losses(engine, batch.inputs, batch.targets)  # (B, T)
         correct += batch.num_correct(losses)
         total += batch.num_examples
     return correct, total
 
 
-def val_loss(engine, loader, num_batches: int) -> float:
-    """Mean loss over the first `num_batches` batches of a token-shard loader (reset first)."""
+def val_loss(engine, loader, num_batches: int, progress: bool | None = False) -> float:
+    """Mean loss over the first `num_batches` batches of a token-shard loader (reset first).
+    progress: a bar on stderr (None: only when stderr is a terminal)."""
     loader.reset()
     total = 0.0
-    for _ in range(num_batches):
+    for _ in tqdm(range(num_batches), disable=None if progress is None else not progress,
+                  desc="val", unit="batch", leave=False):
         x, y = loader.next_batch()
         total += engine.forward(x, y)
     return total / num_batches
@@ -84,6 +86,7 @@ def main(argv: list[str]) -> int:
 
     from .data.loader import DistributedDataLoader, EvalLoader
     from .models import build_engine
+    from .settings import saved_run_config
 
     p = OneLineParser(prog="llmpy eval", description=main.__doc__)
     p.add_argument("task", choices=["hellaswag", "mmlu", "val"])
@@ -91,15 +94,22 @@ def main(argv: list[str]) -> int:
                    "descriptor, or a Hugging Face GPT-2 name/dir")
     p.add_argument("--file", default="", help="eval file (default: the cache's "
                    "hellaswag/hellaswag_val.bin or mmlu/mmlu_test.bin) or, for val, the token "
-                   "shard glob (-j)")
-    p.add_argument("-b", "--batch-size", type=int, default=4)
-    p.add_argument("-t", "--seq-len", type=int, default=0, help="default: the model's maxT "
-                   "(val, mmlu) or 512 (hellaswag)")
+                   "shard glob (-j; default on a run dir: that run's val data)")
+    p.add_argument("-b", "--batch-size", type=int, default=0, help="default: the run's -b "
+                   "(run dir), else 4")
+    p.add_argument("-t", "--seq-len", type=int, default=0, help="default: the run's -t (run "
+                   "dir), else the model's maxT (val, mmlu) or 512 (hellaswag)")
     p.add_argument("-m", "--val-batches", type=int, default=-1, help="-1: all")
     p.add_argument("--limit", type=int, default=0, help="HellaSwag/MMLU: first N examples only")
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    record = saved_run_config(a.model) or {}  # a run dir: its data and settings
+    run = record.get("settings", {})
+    a.batch_size = a.batch_size or run.get("batch_size", 4)
+    a.seq_len = a.seq_len or run.get("seq_len", 0)
+    if a.task == "hellaswag" and not a.file:
+        a.file = run.get("hellaswag_file", "")
     for flag, value, ok, what in (("-b", a.batch_size, a.batch_size >= 1, ">= 1"),
                                   ("-t", a.seq_len, a.seq_len >= 0, ">= 0 (0: default)"),
                                   ("-m", a.val_batches, a.val_batches == -1 or a.val_batches >= 1,
@@ -112,7 +122,13 @@ def main(argv: list[str]) -> int:
         if not Path(path).is_file():  # checked before the model is loaded
             raise LlmpyError(f"{a.task}: no eval file {path} (build it with `llmpy data "
                              f"{a.task}`, or pass --file)")
-    engine, _ = build_engine(a.model, a.engine, a.device, flag="MODEL")
+    if a.task == "val" and not a.file:
+        a.file = record.get("val_data", "")
+        if not a.file:
+            raise LlmpyError(f"--file: val needs a token shard glob, got none, and {a.model} "
+                             f"is no run dir with a run_config.json; pass --file GLOB")
+    engine, where = build_engine(a.model, a.engine, a.device, flag="MODEL")
+    print(f"model: {where}", flush=True)
     config = engine.config
     if a.task != "val":
         default_T = min(512, config.max_seq_len) if a.task == "hellaswag" else config.max_seq_len
@@ -128,8 +144,6 @@ def main(argv: list[str]) -> int:
         print(f"{a.task} acc (lowest total loss): {scores['acc']:.4f}, acc_norm (lowest mean "
               f"loss, llm.c's C score): {scores['acc_norm']:.4f}")
     else:
-        if not a.file:
-            raise LlmpyError("--file: val needs a token shard glob, got none")
         T = a.seq_len or config.max_seq_len
         loader = DistributedDataLoader(a.file, a.batch_size, T)
         n = loader.batches_per_epoch if a.val_batches == -1 else min(a.val_batches,

@@ -89,8 +89,18 @@ def write_golden(outdir, config: ModelConfig, params: np.ndarray, x, y, steps: i
 
 
 def _debug_state(args) -> int:
-    from .models import load_model
+    from .models import load_model, resolve
+    if not args.shard:  # a run dir: the first shard of that run's val data
+        import glob
+        from .settings import saved_run_config
+        pattern = (saved_run_config(args.model) or {}).get("val_data", "")
+        found = sorted(glob.glob(pattern)) if pattern else []
+        if not found:
+            raise LlmpyError(f"--shard: not given, and --model {args.model} is no run dir whose "
+                             f"run_config.json names val shards; pass --shard FILE.bin")
+        args.shard = found[0]
     config, params = load_model(args.model, args.seed, flag="--model")
+    print(f"model: {resolve(args.model, flag='--model')[1]}; shard: {args.shard}")
     if args.batch < 1 or args.seq_len < 1 or args.steps < 0:
         raise LlmpyError(f"-b {args.batch} -t {args.seq_len} --steps {args.steps}: B and T "
                          f"must be positive, steps >= 0")
@@ -125,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("debug-state", help="golden fixture: model, llm.c debug state, losses")
     ds.add_argument("--model", required=True,
                     help="llm.c model .bin, Hugging Face dir or name (gpt2..gpt2-xl), or descriptor")
-    ds.add_argument("--shard", required=True, help="token shard; x, y = its first B*T+1 tokens")
+    ds.add_argument("--shard", default="", help="token shard; x, y = its first B*T+1 tokens "
+                    "(default for a run dir --model: the first shard of its val data)")
     ds.add_argument("--out", required=True, help="output directory")
     ds.add_argument("-b", dest="batch", type=int, default=4, help="batch size B (4)")
     ds.add_argument("-t", dest="seq_len", type=int, default=64, help="sequence length T (64)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -110,6 +111,9 @@ def export_hf(model, outdir) -> Path:
     outdir.mkdir(parents=True, exist_ok=True)
     tmp = outdir / "model.safetensors.tmp"
     save_file(to_hf_tensors(config, params), str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as the other files (safetensors may create it 0600)
     tmp.replace(outdir / "model.safetensors")
     (outdir / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
     if config.vocab_size == GPT2_VOCAB:

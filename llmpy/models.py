@@ -83,6 +83,9 @@ def cuda_available() -> bool:
 def pick_engine_and_device(engine: str = "auto", device: str = "auto") -> tuple[str, str]:
     """auto device: cuda if torch sees one, else cpu. auto engine: triton on CUDA (torch if
     triton is missing), torch on MPS, numpy on the CPU."""
+    if engine == "triton" and device == "auto" and not cuda_available():
+        raise LlmpyError("--engine triton needs CUDA, and torch sees no CUDA device on this "
+                         "machine (or torch is not installed); use --engine numpy or torch")
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
     if engine == "auto":

@@ -164,19 +164,12 @@ def _import_matplotlib():
 
 
 def _loss_ylim(curves: list[list[tuple[int, float]]]) -> tuple[float, float] | None:
-    """Leave out each curve's first 10% of steps (the fall from ln(V) ~ 10.8 would squash
-    everything else) so that the part where runs differ fills the panel."""
-    lo, hi = math.inf, -math.inf
-    for curve in curves:
-        if not curve:
-            continue
-        first, last = curve[0][0], curve[-1][0]
-        cut = first + 0.1 * (last - first)
-        tail = [v for s, v in curve if s >= cut and math.isfinite(v)]
-        if tail:
-            lo, hi = min(lo, min(tail)), max(hi, max(tail))
-    if not math.isfinite(lo):
+    """Every finite value of every curve, the first steps included (the fall from ln(V) ~
+    10.8 is part of the story; `--ylim LO HI` zooms in on the rest)."""
+    values = [v for curve in curves for _, v in curve if math.isfinite(v)]
+    if not values:
         return None
+    lo, hi = min(values), max(values)
     pad = 0.05 * (hi - lo) or 0.05
     return lo - pad, hi + pad
 
@@ -312,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the runs' model (d12, d24, d36, d48, gpt3:c768) for --baseline auto")
     p.add_argument("--title", default=None, help="figure title")
     p.add_argument("--ylim", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="loss axis range (default: fit the curves after their first 5%%)")
+                   help="loss axis range (default: every value, the first steps included)")
     return p
 
 
@@ -334,6 +327,11 @@ def main(argv: list[str]) -> int:
                     title=args.title, ylim=tuple(args.ylim) if args.ylim else None)
     for run in runs:
         print(summary_line(run))
+    lim = tuple(args.ylim) if args.ylim else _loss_ylim([r.train for r in runs] +
+                                                        [r.val for r in runs])
+    if lim:
+        print(f"loss axis: {lim[0]:.2f} .. {lim[1]:.2f}" + (" (--ylim)" if args.ylim else
+                                                             " (every step; --ylim LO HI zooms)"))
     print(f"wrote {out}" + (f" (baseline: OpenAI GPT-2 {baseline})" if baseline else ""))
     return 0
 

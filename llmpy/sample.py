@@ -77,6 +77,22 @@ def generate(engine, prompt: list[int], max_new_tokens: int, *, temperature: flo
     return out.tolist()
 
 
+DOC_BREAK = "\n[document break]\n"  # what the EOT token looks like in printed samples
+
+
+def detokenize(tok, ids) -> str:
+    """Text of sampled ids; each EOT (a document boundary) shows as DOC_BREAK rather than
+    the literal <|endoftext|>."""
+    pieces, cur = [], []
+    for i in ids:
+        if int(i) == EOT:
+            pieces.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    return DOC_BREAK.join(pieces + [tok.decode(cur)])
+
+
 def sample_text(engine, prompt: str, gen_tokens: int, temperature: float = 1.0,
                 top_k: int = 0, seed: int = 1337) -> str:
     """The prompt (empty: start from EOT) and `gen_tokens` sampled tokens after it, as text."""
@@ -85,31 +101,42 @@ def sample_text(engine, prompt: str, gen_tokens: int, temperature: float = 1.0,
     ids = prompt_ids(prompt, engine.config)
     row = generate(engine, ids, gen_tokens, temperature=temperature, top_k=top_k or None,
                    seed=seed)[0]
-    return prompt + tok.decode(row)
+    return prompt + detokenize(tok, row)
 
 
 def main(argv: list[str]) -> int:
     """`llmpy sample CHECKPOINT [--prompt TEXT] [-g N] ...`: print generated text."""
+    import sys
+
     from .models import build_engine
+    from .settings import saved_run_config
     from .tokenizer import get_tokenizer
 
     p = OneLineParser(prog="llmpy sample", description=main.__doc__)
     p.add_argument("checkpoint", help="model .bin (llm.c format), an output dir (newest "
                    "checkpoint), or a Hugging Face GPT-2 name/dir")
     p.add_argument("--prompt", default="", help="text to continue (default: start from EOT)")
-    p.add_argument("-g", "--gen-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
+    p.add_argument("-g", "--gen-tokens", type=int, default=None,
+                   help="default: the run's -g (run dir), else 64")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default: the run's (run dir), else 1.0")
+    p.add_argument("--top-k", type=int, default=None, help="0 = no top-k filtering; default: "
+                   "the run's (run dir), else 0")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    run = (saved_run_config(a.checkpoint) or {}).get("settings", {})
+    for name, fallback in (("gen_tokens", 64), ("temperature", 1.0), ("top_k", 0)):
+        if getattr(a, name) is None:
+            setattr(a, name, run.get(name, fallback))
     if a.gen_tokens < 1:
         raise LlmpyError(f"-g/--gen-tokens: expected >= 1, got {a.gen_tokens}")
     if a.num_samples < 1:
         raise LlmpyError(f"--num-samples: expected >= 1, got {a.num_samples}")
-    engine, _ = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
+    engine, where = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
+    print(f"llmpy sample: model {where}", file=sys.stderr, flush=True)
     tok = get_tokenizer()
     prompt = prompt_ids(a.prompt, engine.config)
     rows = generate(engine, prompt, a.gen_tokens, temperature=a.temperature,
@@ -117,5 +144,5 @@ def main(argv: list[str]) -> int:
     for i, row in enumerate(rows):
         if a.num_samples > 1:
             print(f"--- sample {i}")
-        print(a.prompt + tok.decode(row))
+        print(a.prompt + detokenize(tok, row))
     return 0

@@ -2,16 +2,24 @@
 in one place before anything is allocated (llm.c's train_gpt2.cu reads its flags at the top of
 main(); we keep them in a dataclass that is printed at start and saved with checkpoints).
 
-Every llm.c flag takes a value, `-h` included (HellaSwag), so help is `--help`. Without `-i`
-the main job's settings apply: a small GPT on the embedded tinyshakespeare, sized for the
-device (MAIN_JOB_CPU / MAIN_JOB_GPU).
+Every llm.c flag takes a value, `-h` included (HellaSwag), so help is `--help`. The defaults
+ARE the main job (a small GPT on the embedded tinyshakespeare, sized for the device:
+MAIN_JOB_CPU / MAIN_JOB_GPU), whatever other flags are given: `-i` changes the data and
+nothing else. `--help` shows every default for this device.
+
+Precedence: these defaults < `--config FILE` (a run_config.json an earlier run saved, or a
+JSON object of RunConfig fields) < the flags on the command line. `-y 1` without --config
+reads OUT/run_config.json when the output dir has one: a resume continues the run it finds.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .errors import LlmpyError
 from .schedulers import SCHEDULERS
@@ -77,8 +85,7 @@ ATTENTION = ("auto", "cudnn", "flash", "math")
 
 # (short flag, long flag, field, type, help). Every llm.c flag takes a value.
 FLAGS = [
-    ("-i", "--train-data", "train_data", str, "train token shards (glob); default: embedded "
-     "tinyshakespeare"),
+    ("-i", "--train-data", "train_data", str, "train token shards (glob)"),
     ("-j", "--val-data", "val_data", str, "val token shards (glob)"),
     ("-e", "--init", "init", str, "model: descriptor (d12, gpt3:c768, L=..,C=..,NH=..), "
      "llm.c .bin file, checkpoint dir, or Hugging Face gpt2* name/dir"),
@@ -140,7 +147,7 @@ FLAGS = [
      "differ from the checkpoint's (-e, -b, -t, -d, -k, ...)"),
 ]
 
-# The main job (no -i): a small GPT on embedded tinyshakespeare, sized for the device.
+# The main job, which is the defaults: a small GPT on embedded tinyshakespeare, sized for the device.
 MAIN_JOB_CPU = dict(init="L=4,C=128,NH=4,T=128", batch_size=16, seq_len=64, max_steps=400,
                     lr=1e-3, warmup=20, final_lr_frac=0.1, weight_decay=0.0, val_every=100,
                     val_batches=20, sample_every=0, gen_tokens=96, out_dir="out")
@@ -149,21 +156,59 @@ MAIN_JOB_GPU = dict(init="d6", batch_size=32, seq_len=256, max_steps=600, lr=1e-
                     val_batches=20, sample_every=0, gen_tokens=128, out_dir="out")
 
 
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def defaults(has_cuda: bool = False) -> dict:
+    """Every RunConfig field's default on this device: the main job's values."""
+    base = asdict(RunConfig())
+    base.update(MAIN_JOB_GPU if has_cuda else MAIN_JOB_CPU)
+    return base
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2 (through the CLI), never usage + traceback
-        raise LlmpyError(message)
+        raise LlmpyError(_hint(message))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _hint(message: str) -> str:
+    """argparse's message, plus what the user most likely meant."""
+    if message.startswith("unrecognized arguments:"):
+        longs = [f[1] for f in FLAGS] + ["--config", "--help"]
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("-"):
+                close = difflib.get_close_matches(word.split("=")[0], longs, n=1, cutoff=0.6)
+                if close:
+                    return f"{message} (did you mean {close[0]}?)"
+    if message.startswith("argument -h/--hellaswag: expected one argument"):
+        return (f"{message} (-h is llm.c's HellaSwag flag and takes 0 or 1; for help use "
+                f"llmpy train --help)")
+    return message
+
+
+def build_parser(has_cuda: bool = False) -> argparse.ArgumentParser:
     p = _Parser(prog="llmpy train", add_help=False, allow_abbrev=False,
-                description="Train a GPT (llm.c's flags). With no flags: the main job, a "
-                            "small GPT on the embedded tinyshakespeare.")
+                description="Train a GPT (llm.c's flags). Every default is the main job's "
+                            "value on this device (a small GPT on the embedded "
+                            "tinyshakespeare), whichever other flags are given.")
     p.add_argument("--help", action="help", help="show this help and exit")
+    p.add_argument("--config", dest="config", default=None, metavar="FILE",
+                   help="settings from a JSON file (an earlier run's run_config.json); "
+                        "flags given here override it")
+    dflt = defaults(has_cuda)
     for short, long, dest, typ, help_ in FLAGS:
         names = [n for n in (short, long) if n]
+        shown = dflt[dest] if dflt[dest] != "" else _EMPTY.get(dest, "none")
         p.add_argument(*names, dest=dest, type=_typed(names[0], typ), default=None,
-                       metavar=typ.__name__.upper(), help=help_)
+                       metavar=typ.__name__.upper(), help=f"{help_} (default: {shown})")
     return p
+
+
+# what an empty default means, for --help
+_EMPTY = {"train_data": "embedded tinyshakespeare train",
+          "val_data": "embedded tinyshakespeare val", "init": "d12",
+          "out_dir": "none: nothing saved", "prompt": "EOT",
+          "hellaswag_file": "the cache's hellaswag_val.bin"}
 
 
 def _typed(flag, typ):
@@ -177,15 +222,80 @@ def _typed(flag, typ):
 
 
 def parse_args(argv: list[str], has_cuda: bool = False) -> tuple[RunConfig, set[str]]:
-    """Flags -> RunConfig (with main-job defaults when -i is absent) and the set of fields
-    the user gave explicitly."""
-    ns = vars(build_parser().parse_args(argv))
-    given = {k for k, v in ns.items() if v is not None}
-    values = {k: v for k, v in ns.items() if v is not None}
-    if "train_data" not in given:
-        preset = MAIN_JOB_GPU if has_cuda else MAIN_JOB_CPU
-        values = {**preset, **values}
-    return RunConfig(**values), given
+    """Flags -> RunConfig (defaults < --config FILE < flags) and the set of fields the user
+    set explicitly (by a flag or in the config file)."""
+    ns = vars(build_parser(has_cuda).parse_args(argv))
+    config_file = ns.pop("config")
+    flags = {k: v for k, v in ns.items() if v is not None}
+    out_dir = flags.get("out_dir", defaults(has_cuda)["out_dir"])
+    saved = Path(out_dir) / RUN_CONFIG_FILE if out_dir else None
+    if not config_file and flags.get("resume") == 1 and saved and saved.is_file():
+        config_file = str(saved)  # a resume continues the run it finds (flags override)
+        print(f"resume: settings from {saved}, flags given override them")
+    from_file = load_run_config(config_file) if config_file else {}
+    values = {**defaults(has_cuda), **from_file, **flags}
+    return RunConfig(**values), set(from_file) | set(flags)
+
+
+def load_run_config(path: str, flag: str = "--config ") -> dict:
+    """The RunConfig fields of a JSON file: a run_config.json (its "settings") or a plain
+    object of field names. Unknown names are refused, with the nearest field named."""
+    p = Path(path)
+    if not p.is_file():
+        raise LlmpyError(f"{flag}{path}: no such file; expected a run_config.json that a "
+                         f"run wrote to its output dir, or a JSON object of settings")
+    try:
+        data = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LlmpyError(f"{flag}{path}: not valid JSON ({e}); expected a JSON object of "
+                         f"settings such as {{\"lr\": 0.001}}") from None
+    if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+        data = data["settings"]
+    if not isinstance(data, dict):
+        raise LlmpyError(f"{flag}{path}: expected a JSON object of settings, got "
+                         f"{type(data).__name__}")
+    types = {f.name: f.type for f in fields(RunConfig)}
+    out = {}
+    for k, v in data.items():
+        if k not in types:
+            close = difflib.get_close_matches(k, list(types), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LlmpyError(f"{flag}{path}: unknown setting {k!r}{hint}; expected RunConfig "
+                             f"field names as in run_config.json")
+        want = {"int": int, "float": float, "str": str}[types[k]]
+        ok = not isinstance(v, bool) and (isinstance(v, want) or
+                                          (want is float and isinstance(v, int)))
+        if not ok:
+            raise LlmpyError(f"{flag}{path}: setting {k!r} expected {want.__name__}, got "
+                             f"{v!r}")
+        out[k] = want(v)
+    return out
+
+
+def saved_run_config(spec: str) -> dict | None:
+    """The run_config.json of a run dir `spec` (None if spec is no dir or has none), for
+    eval, sample and export on a run dir; its "settings" are checked like --config's."""
+    path = Path(spec) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    settings = load_run_config(str(path), flag="")  # checks the JSON, one line if bad
+    return {**json.loads(path.read_text()), "settings": {**asdict(RunConfig()), **settings}}
+
+
+def run_config_record(rc: RunConfig, **resolved) -> dict:
+    """What a run saves as run_config.json: every RunConfig field (under "settings", which
+    --config reads back), the resolved engine, device and data, and the package versions."""
+    import platform
+    import sys
+    from importlib import metadata
+    versions = {"python": platform.python_version()}
+    for pkg in ("llmpy", "numpy", "torch", "triton", "tiktoken"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"settings": asdict(rc), **resolved, "versions": versions,
+            "command": " ".join(sys.argv)}
 
 
 def validate(rc: RunConfig) -> None:

@@ -25,14 +25,14 @@ import numpy as np
 from . import checkpoint as ckpt
 from .config import ModelConfig
 from .errors import LlmpyError, TrainingStopped
-from .logger import Logger, print_table
-from .mfu import flops_per_token, peak_flops
-from .models import cuda_available, engine_flags_row, engine_options, load_model, \
-    peek_config, pick_engine_and_device
+from .logger import Logger
+from .models import cuda_available, engine_options, load_model, peek_config, \
+    pick_engine_and_device
 from .outlier_detector import OutlierDetector
 from .preempt import StopOnSignal
 from .run_dir import check_out_dir, check_resume, new_run_id, run_record
 from .schedulers import get_lr
+from .progress import print_startup, print_step, save_run_config
 from .sample import prompt_ids
 from .settings import RunConfig, parse_args, validate
 
@@ -65,6 +65,8 @@ class Run:
     logger: Logger | None = None
     overfit_batch: tuple | None = None
     step_times: list = field(default_factory=list)
+    t_start: float = 0.0          # perf_counter at the loop's start, for elapsed
+    t_steps: float = 0.0          # ... at the first optimizer step's start, for the ETA
     summary: dict = field(default_factory=dict)
     run_id: str = ""              # this run's id: in its DONE markers and state files
 
@@ -122,10 +124,10 @@ def _data(rc: RunConfig, dist, engine_name: str, device: str, config: ModelConfi
     from .data.loader import DistributedDataLoader, EvalLoader
 
     train_glob, val_glob = rc.train_data, rc.val_data
-    if not train_glob:
+    if not train_glob or not val_glob:  # the default of each, as llm.c's: tinyshakespeare
         from .data.tinyshakespeare import ensure_tinyshakespeare
         train_path, val_path = ensure_tinyshakespeare()
-        train_glob, val_glob = str(train_path), val_glob or str(val_path)
+        train_glob, val_glob = train_glob or str(train_path), val_glob or str(val_path)
     shuffle = bool(rc.shuffle)
     if rc.overfit and val_glob:  # -a 1, as llm.c: every step sees the first val batch
         train_glob, shuffle = val_glob, False
@@ -195,30 +197,6 @@ def _make_engine(run: Run, params: np.ndarray) -> None:
             run.norm_det.load_state_dict(extra["outliers"]["norm"])
 
 
-def print_startup(run: Run) -> None:
-    rc, tl = run.rc, run.train_loader
-    print_table("llm.py train", [
-        ("engine", f"{run.engine_name} on {run.device}"),
-        ("engine flags", engine_flags_row(rc, run.engine_name, run.device)),
-        ("model", rc.init or "d12"), ("shape", run.config.describe()),
-        ("train data", f"{run.train_glob} ({tl.num_shards} shards, "
-                       f"{tl.tokens_per_epoch:,} tokens/epoch)"),
-        ("val data", f"{run.val_glob or '-'} ({run.val_batches} batches)"),
-        ("batch", f"B={rc.batch_size} T={rc.seq_len} processes={run.dist.world} "
-                  f"total={run.total_batch} tokens (grad accum {run.grad_accum})"),
-        ("distributed", f"{run.dist.world} x {run.dist.backend or '-'}, "
-                        f"ZeRO-{rc.zero if run.dist.world > 1 else 0}"),
-        ("steps", f"{run.steps} (resume from {run.start_step})" if run.start_step else run.steps),
-        ("schedule", f"{rc.scheduler} lr={rc.lr:g} warmup={rc.warmup} "
-                     f"final_frac={rc.final_lr_frac:g} wd={rc.weight_decay:g}"),
-        ("val / sample / ckpt", f"every {rc.val_every} / {rc.sample_every} / "
-                                f"{rc.checkpoint_every or 'end'}"),
-        ("out dir", rc.out_dir or "- (no logs or checkpoints)"),
-        ("skip z (loss/norm)", f"{rc.skip_loss_z:g} / {rc.skip_norm_z:g}; "
-                               f"non-finite: {rc.nan_policy}"),
-    ])
-
-
 # ----------------------------------------------------------------------------------------
 # the loop
 
@@ -226,9 +204,11 @@ def loop(run: Run) -> dict:
     rc, dist = run.rc, run.dist
     if dist.master:
         print_startup(run)
+        save_run_config(run)
     run.logger = Logger(rc.out_dir, resume=bool(rc.resume), enabled=dist.master)
     run.summary = {"losses": {}, "val_losses": {}, "skipped": [], "steps": run.steps,
                    "engine": run.engine_name, "device": run.device}
+    run.t_start = time.perf_counter()
     with StopOnSignal() as stop:
         for step in range(run.start_step, run.steps + 1):
             last_step = step == run.steps
@@ -265,13 +245,15 @@ def evaluate(run: Run, step: int, last_step: bool) -> None:
     rc, dist, engine = run.rc, run.dist, run.engine
     due = rc.val_every and (step % rc.val_every == 0 or last_step)
     if run.val_batches and due:
-        vl = dist.mean(val_loss(engine, run.val_loader, run.val_batches))
+        bar = None if dist.master else False  # a bar when rank 0's stderr is a terminal
+        vl = dist.mean(val_loss(engine, run.val_loader, run.val_batches, progress=bar))
         run.summary["val_losses"][step] = vl
         run.logger.val(step, vl)
         if dist.master:
             print(f"val loss {vl:.6f}")
     if run.hs_loader is not None and due:
-        correct, total = hellaswag_counts(engine, run.hs_loader)
+        correct, total = hellaswag_counts(engine, run.hs_loader,
+                                          progress=None if dist.master else False)
         acc = dist.sum(correct) / max(dist.sum(total), 1)
         run.logger.hellaswag(step, acc)
         if dist.master:
@@ -287,6 +269,8 @@ def optimizer_step(run: Run, step: int) -> None:
     """One AdamW step over total_batch tokens, or a skipped one (outlier, non-finite)."""
     rc, dist, engine = run.rc, run.dist, run.engine
     t0 = time.perf_counter()
+    if step == run.start_step:
+        run.t_steps = t0
     engine.zero_grad()
     loss = 0.0
     for micro in range(run.grad_accum):
@@ -329,25 +313,7 @@ def optimizer_step(run: Run, step: int) -> None:
     comm_ms = run.sync.comm_s * 1e3 if dist.world > 1 else None
     run.logger.train(step, loss, lr, norm, skipped=skip or None, ms=dt * 1e3, comm_ms=comm_ms)
     if dist.master:
-        _print_step(run, step, loss, zloss, norm, znorm, lr, dt, skip, comm_ms)
-
-
-def _print_step(run, step, loss, zloss, norm, znorm, lr, dt, skip, comm_ms) -> None:
-    peak = peak_flops(run.device)
-    tok_s = run.total_batch / dt
-    mfu = f" | MFU {100 * tok_s * flops_per_token(run.config, run.rc.seq_len) / peak:.1f}%" \
-        if peak else ""
-    print(f"step {step + 1:4d}/{run.steps} | loss {loss:.6f} ({zloss:+.2f}z) | norm "
-          f"{norm:.4f} ({znorm:+.2f}z) | lr {lr:.2e} | {dt * 1e3:.1f} ms{mfu} | "
-          f"{tok_s:,.0f} tok/s" + (f" | comm wait {comm_ms:.1f} ms" if comm_ms is not None
-                                   else "") + (f" | SKIPPED ({skip})" if skip else ""),
-          flush=True)
-    every = run.rc.gpu_log_every
-    if every > 0 and step % every == 0 and run.device.startswith("cuda"):
-        import torch
-        print(f"gpu memory: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated, "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak, "
-              f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
+        print_step(run, step, loss, zloss, norm, znorm, lr, dt, skip, comm_ms)
 
 
 # ----------------------------------------------------------------------------------------
@@ -384,12 +350,16 @@ def main(argv: list[str]) -> int:
     rc, given = parse_args(argv, has_cuda=has_cuda)
     t0 = time.time()
     summary = train(rc, given)
-    if rc.process_rank == 0 and "train_data" not in given:
-        print(f"main job done in {time.time() - t0:.0f} s: final val loss "
-              f"{summary['val_losses'].get(summary['steps'], float('nan')):.4f}")
-        text = sample_text(summary["engine_obj"], rc.prompt, rc.gen_tokens, rc.temperature,
-                           rc.top_k, seed=rc.seed + summary["steps"])
-        print("sample:\n---\n" + text + "\n---")
+    if rc.process_rank == 0:
+        main_job = not given & {"train_data", "val_data", "init", "overfit"}
+        final = summary["val_losses"].get(summary["steps"])
+        print(f"{'main job' if main_job else 'training'} done in {time.time() - t0:.0f} s: "
+              + (f"final val loss {final:.4f}" if final is not None else "no validation"))
+        if main_job:
+            text = sample_text(summary["engine_obj"], rc.prompt, rc.gen_tokens,
+                               rc.temperature, rc.top_k, seed=rc.seed + summary["steps"])
+            print("sample:\n---\n" + text + "\n---")
         if rc.out_dir:
-            print(f"logs and checkpoint in {rc.out_dir}/ (main.log, model_*.bin)")
+            print(f"logs, settings and checkpoint in {rc.out_dir}/ (main.log, metrics.jsonl, "
+                  f"run_config.json, model_*.bin, state_*.bin, DONE_*)")
     return 0

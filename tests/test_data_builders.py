@@ -571,3 +571,17 @@ def test_build_never_deletes_shards_it_did_not_write(fineweb_input, tmp_path):
                         str(SHARD), "--workers", "0", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert {p.name: p.read_bytes() for p in shard_files(tmp_path)} == before
+
+
+def test_fineweb_too_little_text_for_a_train_shard(tmp_path):
+    """Issue 18: an input that fills only shard 0 (val) says there is no train shard."""
+    import subprocess
+    import sys
+    (tmp_path / "small.jsonl").write_text('{"text": "Hello there, a tiny corpus."}\n')
+    r = subprocess.run([sys.executable, "-m", "llmpy", "data", "fineweb", "--input",
+                        str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "o"), "-w", "0",
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "fill only the val shard fineweb_val_000000.bin" in r.stderr
+    assert "no train shard" in r.stderr and "--shard-size" in r.stderr

@@ -221,3 +221,20 @@ def test_damaged_hf_dir_is_one_line(hf_dir, tmp_path, how):
         r = subprocess.run([sys.executable, "-m", "llmpy", "sample", str(bad), "-g", "2"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_export_hf_files_have_one_mode(tmp_path):
+    """Issue 18: model.safetensors gets the same mode as config.json (the umask's), not the
+    0600 that safetensors creates; through the command as typed."""
+    import os
+    import subprocess
+    import sys
+    write_model(tmp_path / "m.bin", CONFIG, init_params(CONFIG, 1))
+    r = subprocess.run([sys.executable, "-m", "llmpy", "export", "hf", str(tmp_path / "m.bin"),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"read {tmp_path / 'm.bin'}" in r.stdout
+    modes = {p.name: os.stat(p).st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~umask, modes

@@ -20,6 +20,7 @@ LAYERS = {
     "llmpy.engines": 1, "llmpy.data": 1, "llmpy.hf": 1, "llmpy.plot": 1,
     "llmpy.outlier_detector": 1, "llmpy.mfu": 1, "llmpy.logger": 1, "llmpy.preempt": 1,
     "llmpy.settings": 2, "llmpy.models": 2, "llmpy.dist": 2, "llmpy.run_dir": 2,
+    "llmpy.progress": 2,
     "llmpy.train": 3, "llmpy.sample": 3, "llmpy.evals": 3, "llmpy.export": 3,
     "llmpy.data.cli": 3,  # `llmpy data`: a command, beside train
     "llmpy.cli": 4, "llmpy.__main__": 4, "llmpy": 4,

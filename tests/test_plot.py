@@ -178,3 +178,18 @@ def test_matplotlib_missing_says_what_to_install(monkeypatch, tmp_path):
     run = plot.parse_log(LOGS / "restart_small")
     with pytest.raises(LlmpyError, match=r"pip install llmpy\[plot\]"):
         plot.plot_runs([run], tmp_path / "x.png")
+
+
+def test_plot_shows_the_first_steps(tmp_path):
+    """Issue 18: the loss axis holds the start (10.85 at init), not only the tail."""
+    pytest.importorskip("matplotlib")
+    import re
+    import subprocess
+    log = tmp_path / "main.log"
+    log.write_text("".join(f"s:{s} trl:{5.5 + 5.35 * 0.9 ** s:.4f} lr:0.000100 norm:1.00\n"
+                           for s in range(100)) + "s:0 tel:10.8500\ns:99 tel:5.6000\n")
+    r = subprocess.run([sys.executable, "-m", "llmpy", "plot", str(tmp_path), "-o",
+                        str(tmp_path / "p.png")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lo, hi = map(float, re.search(r"loss axis: ([\d.]+) \.\. ([\d.]+)", r.stdout).groups())
+    assert lo < 5.5 and hi > 10.85

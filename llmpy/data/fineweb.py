@@ -135,6 +135,11 @@ def run(args: argparse.Namespace, kind: str) -> int:
                         limit_tokens=args.limit_tokens, workers=args.workers,
                         fresh=args.fresh, progress=not args.no_progress)
     print_summary(kind, res)
+    if res["complete"] and len(res["shards"]) < 2:  # shard 0 is val: nothing to train on
+        raise LlmpyError(f"{kind}: the input holds {res['tokens']:,} tokens, which fill only "
+                         f"the val shard {res['shards'][0][0].name} (shard 0 is val, the rest "
+                         f"train; --shard-size {args.shard_size:,}); no train shard was "
+                         f"written: give more text or a smaller --shard-size")
     return 0
 
 
