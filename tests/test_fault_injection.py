@@ -16,10 +16,12 @@ from test_train import base_args, run_cli, shards  # noqa: F401  (the module's f
 STEPS = 4          # checkpoints at 1..STEPS (-n 1): 3 atomic writes each (model, state, DONE)
 PHASES = ("partial", "synced", "renamed")
 TRIALS = 21
+BEFORE = 1         # atomic writes before the first checkpoint: run_config.json
 
 
 def expected_complete(write: int, phase: str) -> list[int]:
-    step, kind = (write - 1) // 3 + 1, (write - 1) % 3  # kind 2 is the DONE marker
+    w = write - BEFORE
+    step, kind = (w - 1) // 3 + 1, (w - 1) % 3  # kind 2 is the DONE marker
     return list(range(1, step + (kind == 2 and phase == "renamed")))
 
 
@@ -30,7 +32,7 @@ def test_sigkill_at_random_points_of_checkpoint_writes(shards, tmp_path):
     assert r.returncode == 0, r.stderr
     final = ckpt.model_path(ref, STEPS).read_bytes()
     ref_state = read_state(ckpt.state_path(ref, STEPS, 0))
-    points = [(w, ph) for w in range(1, 3 * STEPS + 1) for ph in PHASES]
+    points = [(w, ph) for w in range(BEFORE + 1, BEFORE + 3 * STEPS + 1) for ph in PHASES]
     trials = random.Random(13).sample(points, TRIALS)
     survived, lost = 0, 0
     for i, (write, phase) in enumerate(trials):
