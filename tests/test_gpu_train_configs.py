@@ -47,7 +47,8 @@ REFERENCE = ["--engine", "torch", "--compile", "0", "--dtype", "fp32"]
 def train(init: Path, val: str, out: Path, flags: list[str]) -> list[tuple[float, float]]:
     args = [sys.executable, "-m", "llmpy", "train", "--device", "cuda", "-e", str(init),
             "-i", val, "-j", val, "-a", "1", "--shuffle", "0", "-b", "16", "-t", "1024",
-            "-d", "16384", "-l", "3e-4", "-x", str(STEPS), "-v", "0", "-s", "0",
+            "-d", "16384", "-l", "3e-4", "-u", "0", "-q", "1", "-c", "0", "-x", str(STEPS),
+            "-v", "0", "-s", "0",
             "-o", str(out), *flags]
     r = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
