@@ -12,7 +12,6 @@ scripts (the ending with the lowest total loss wins) next to the mean-loss "acc_
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 from tqdm import tqdm

@@ -19,7 +19,6 @@ import os
 import uuid
 from pathlib import Path
 
-from . import checkpoint as ckpt
 from .errors import LlmpyError
 from .settings import RunConfig
 

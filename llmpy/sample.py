@@ -9,7 +9,6 @@ training run's random state.
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 

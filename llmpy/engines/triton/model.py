@@ -233,7 +233,7 @@ class TritonEngine:
 
     def memory_report(self, B: int, T: int) -> str:
         """Memory per tensor group for (B, T), and the largest B that fits at this T."""
-        cfg, n = self.config, self.config.num_params
+        n = self.config.num_params
         fixed = {"params (bf16)": 2 * n, "grads (bf16)": 2 * n,
                  "master weights (fp32)": 4 * n if self.master is not None else 0,
                  "AdamW m, v (fp32)": 8 * n}
@@ -359,7 +359,7 @@ class TritonEngine:
             raise RuntimeError("triton engine: backward() needs a forward() with targets first")
         self._pending = False
         cfg, a, p, g = self.config, self.acts, self.p, self.g
-        B, T, N = a.B, a.T, a.N
+        B, T = a.B, a.T
         C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
         gs = float(grad_scale)
         dres, dbtc = a.dresidual, a.proj                                   # (N, C) each
