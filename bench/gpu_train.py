@@ -92,6 +92,8 @@ def engine_options(spec: str, args) -> dict:
         for v in filter(None, variant.split(":")):
             if v in ("r0", "r1", "r2"):
                 opts["recompute"] = int(v[1])
+            elif v in ("ge0", "ge1", "ge2"):
+                opts["gelu_fusion"] = int(v[2])
             else:
                 opts["attention"] = v
     return opts
@@ -166,6 +168,10 @@ def run_engine(name: str, config, batches, args, sync, torch) -> dict:
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        left = torch.cuda.memory_allocated()
+        if left > 2**20:  # the peak counts everything allocated: say so if anything is left
+            print(f"{name}: {left / 1e9:.2f} GB still allocated before it is built (counted "
+                  f"in its peak)")
     engine = make_engine(name.partition(":")[0], config, **engine_options(name, args))
     first_loss = engine.forward(*batches[0])
     lnV = math.log(config.vocab_size)

@@ -15,7 +15,9 @@ Dimension legend:
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -102,6 +104,14 @@ def _avoid_mix_order_reduction() -> None:
         inductor_config.triton.mix_order_reduction = False
 
 
+def _report_ready(engine_ref, span, _param) -> None:
+    """A post-accumulate-grad hook: tell the engine's grad_ready (if set) that this
+    parameter's gradient, flat span [a, b), is final."""
+    engine = engine_ref()
+    if engine is not None and engine.grad_ready is not None:
+        engine.grad_ready([span])
+
+
 class TorchEngine:
     """The engine interface of llmpy.engines over `GPT`.
 
@@ -136,13 +146,15 @@ class TorchEngine:
         shapes, offsets = config.param_shapes(), config.param_offsets()
         views = {buf: {n: t[a:b].view(shapes[n]) for n, (a, b) in offsets.items()}
                  for buf, t in (("grad", self.flat_grad), ("m", self.m), ("v", self.v))}
+        # the hooks hold the engine weakly: autograd keeps them where Python's garbage
+        # collector cannot see, so a strong reference would keep the engine alive forever
+        me = weakref.ref(self)
         for name, p in self.model.named_parameters():
             # autograd adds into an existing .grad in place, so grads accumulate in flat_grad.
             p.grad = views["grad"][name]
             # a stacked tensor is used by every layer, so its gradient is final only when
             # autograd has accumulated the last use (layer 0): overlap is per tensor here
-            p.register_post_accumulate_grad_hook(
-                lambda _, r=offsets[name]: self.grad_ready and self.grad_ready([r]))
+            p.register_post_accumulate_grad_hook(functools.partial(_report_ready, me, offsets[name]))
         self.grad_ready = None  # set by llmpy.dist (engine contract)
 
         # AdamW over two groups (decayed 2-D tensors, the rest); its state is the m, v views,
