@@ -156,6 +156,47 @@ def main(argv=None) -> int:
           lambda: (lg.copy_(logits), classifier.fused_classifier(lg, tg, losses, V, None),
                    rel(losses, lref))[2], 2 * Nc * Vp * 2)
 
+    # the fc matmul's GELU in cuBLASLt's epilogues (-ge) against matmul + our kernels; the
+    # bandwidth column counts the matmul's inputs and outputs only
+    from llmpy.engines.triton import cublaslt
+    if cublaslt.available() and (not args.only or "gelu_fusion" in args.only.split(",")):
+        xin, wfc, bfc = rnd(N, C), rnd(4 * C, C, scale=0.02), rnd(4 * C, scale=0.02)
+        pre, post = torch.empty(N, 4 * C, device=dev, dtype=bf), torch.empty(N, 4 * C, device=dev, dtype=bf)
+        pre_ref = torch.addmm(bfc, xin, wfc.t())
+        post_ref = torch.nn.functional.gelu(pre_ref.float(), approximate="tanh")
+        fwd_bytes = (N * C + 4 * C * C + 2 * N * 4 * C) * 2
+        bench("fc_forward", "addmm + gelu_forward", True,
+              lambda: (torch.addmm(bfc, xin, wfc.t(), out=pre), gelu.gelu_forward(pre, post)),
+              lambda: (torch.addmm(bfc, xin, wfc.t(), out=pre), gelu.gelu_forward(pre, post),
+                       rel(post, post_ref))[2], fwd_bytes)
+        bench("fc_forward", "cublaslt GELU_AUX_BIAS", False,
+              lambda: cublaslt.linear(xin, wfc, post, bfc, aux=pre),
+              lambda: (cublaslt.linear(xin, wfc, post, bfc, aux=pre), rel(post, post_ref))[1],
+              fwd_bytes)
+        dres_, wproj = rnd(N, C), rnd(C, 4 * C, scale=0.02)
+        dpre, dfcb = torch.empty(N, 4 * C, device=dev, dtype=bf), torch.empty(4 * C, device=dev, dtype=bf)
+        gpart = torch.empty(4 * C * -(-N // gelu.gelu_backward_rows_per_prog(N)), device=dev)
+        u = pre.float().requires_grad_(True)
+        torch.nn.functional.gelu(u, approximate="tanh").backward((dres_ @ wproj).float())
+        dref = u.grad
+
+        def unfused():
+            torch.mm(dres_, wproj, out=dpre)
+            red.add_partials(gelu.gelu_backward(dpre, pre, gpart), dfcb)
+        bench("fc_dgelu", "mm + gelu_backward + bias sums", True, unfused,
+              lambda: (dfcb.zero_(), unfused(), rel(dpre, dref))[2], fwd_bytes)
+        bench("fc_dgelu", "cublaslt DGELU_BGRAD", False,
+              lambda: cublaslt.mm_dgelu(dres_, wproj, pre, dpre, dbias=dfcb),
+              lambda: (cublaslt.mm_dgelu(dres_, wproj, pre, dpre, dbias=dfcb),
+                       max(rel(dpre, dref), rel(dfcb, dref.sum(0))))[1], fwd_bytes)
+
+        def fused():  # what the engine runs with -ge 2
+            cublaslt.mm_dgelu(dres_, wproj, pre, dpre)
+            red.add_partials(gelu.gelu_backward(dpre, None, gpart), dfcb)
+        bench("fc_dgelu", "cublaslt DGELU + bias sums", False, fused,
+              lambda: (dfcb.zero_(), fused(), max(rel(dpre, dref), rel(dfcb, dref.sum(0))))[2],
+              fwd_bytes)
+
     # grad norm over 124M bf16
     g = rnd(124_475_904)
     nb = torch.empty(4096, device=dev)

@@ -128,20 +128,20 @@ def engine_options(engine: str, device: str, rc=None) -> dict:
         opts.update(dtype=dtype, compile=bool(compile_))
     if engine == "triton" and rc is not None:
         opts.update(recompute=rc.recompute, master_weights=bool(rc.master_weights),
-                    attention=rc.attention)
+                    attention=rc.attention, gelu_fusion=rc.gelu_fusion)
     return opts
 
 
 def engine_flags_row(rc, engine: str, device: str) -> str:
     """The engine-specific settings in force; flags this engine ignores are named."""
     if engine == "triton":
-        return (f"-r {rc.recompute} -w {rc.master_weights} --attention {rc.attention}; "
-                f"--dtype/--compile not used (bf16, no compile)")
+        return (f"-r {rc.recompute} -w {rc.master_weights} -ge {rc.gelu_fusion} --attention "
+                f"{rc.attention}; --dtype/--compile not used (bf16, no compile)")
     if engine == "torch":
         opts = engine_options(engine, device, rc)
         return (f"dtype {opts['dtype']}, compile {int(opts['compile'])}; "
-                f"-r/-w/--attention not used")
-    return "fp32; -r/-w/--attention/--dtype/--compile not used"
+                f"-r/-w/-ge/--attention not used")
+    return "fp32; -r/-w/-ge/--attention/--dtype/--compile not used"
 
 
 def build_engine(spec: str, engine: str = "auto", device: str = "auto", flag: str = "MODEL"):

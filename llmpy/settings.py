@@ -55,7 +55,7 @@ class RunConfig:
     zero: int = 0                 # -z
     recompute: int = 1            # -r
     master_weights: int = 1       # -w
-    gelu_fusion: int = 0          # -ge
+    gelu_fusion: int = -1         # -ge
     tf32: int = 1                 # -f
     gpu_log_every: int = -1       # -lg
     num_processes: int = 1        # -pn
@@ -116,8 +116,9 @@ FLAGS = [
     ("-z", "--zero", "zero", int, "ZeRO stage (0 or 1)"),
     ("-r", "--recompute", "recompute", int, "recompute in backward: 0 none, 1 GELU, 2 +LN"),
     ("-w", "--master-weights", "master_weights", int, "keep fp32 master weights (0/1)"),
-    ("-ge", "--gelu-fusion", "gelu_fusion", int, "fuse GELU into the fc matmul (only 0: "
-     "not implemented)"),
+    ("-ge", "--gelu-fusion", "gelu_fusion", int, "GELU in the fc matmuls' cuBLASLt "
+     "epilogues, triton engine on CUDA: 0 none, 1 forward, 2 forward+backward, -1 auto (2 "
+     "where cuBLASLt is available)"),
     ("-f", "--tf32", "tf32", int, "allow TF32 matmuls (0/1)"),
     ("-lg", "--gpu-log-every", "gpu_log_every", int, "log GPU memory every N steps (-1=off)"),
     ("-pn", "--num-processes", "num_processes", int, "number of processes"),
@@ -322,7 +323,7 @@ def validate(rc: RunConfig) -> None:
     need(rc.gpu_log_every == -1 or rc.gpu_log_every >= 1, "-lg", "-1 (off) or >= 1",
          rc.gpu_log_every)
     for flag, name in (("-h", "hellaswag"), ("-a", "overfit"), ("-y", "resume"),
-                       ("-w", "master_weights"), ("-ge", "gelu_fusion"), ("-f", "tf32"),
+                       ("-w", "master_weights"), ("-f", "tf32"),
                        ("--shuffle", "shuffle"), ("--overwrite", "overwrite"),
                        ("--allow-changes", "allow_changes"), ("--overlap", "overlap")):
         need(getattr(rc, name) in (0, 1), flag, "0 or 1", getattr(rc, name))
@@ -338,10 +339,7 @@ def validate(rc: RunConfig) -> None:
     need(rc.engine in ("auto", "numpy", "torch", "triton"), "--engine",
          "numpy|torch|triton|auto", rc.engine)
     need(rc.attention in ATTENTION, "--attention", "|".join(ATTENTION), rc.attention)
-    if rc.gelu_fusion:
-        raise LlmpyError("-ge 1: GELU fusion into the fc matmul is not implemented (the "
-                         "engines' cuBLAS matmuls have no GELU epilogue that keeps the "
-                         "pre-activation for the backward); use -ge 0")
+    need(rc.gelu_fusion in (-1, 0, 1, 2), "-ge", "-1, 0, 1 or 2", rc.gelu_fusion)
     need(rc.device in ("auto", "cpu", "cuda", "mps") or rc.device.startswith("cuda:"),
          "--device", "cpu|cuda|mps|auto", rc.device)
     need(rc.dtype in ("auto", "fp32", "bf16"), "--dtype", "fp32|bf16|auto", rc.dtype)

@@ -2,8 +2,9 @@
 # GPT-2 (1558M) on FineWeb-Edu 100B, llm.c's recipe (its scripts/run_gpt2_1558M.sh).
 # 1.6B parameters on ~33.5B tokens: 32,000 steps of 1,048,576 tokens, lr 6e-4 with 700
 # warmup steps, cosine to 10% (-q 0.1), weight decay 0.1 (llm.c's recipe also fuses GELU into
-# the matmul with -ge 1; llm.py has no such fusion and refuses -ge 1). llm.c: 24 hours on 8 H100s. OpenAI's GPT-2 1558M: val loss 2.8313 on FineWeb val,
-# HellaSwag 48.89.
+# the matmul with -ge 1; llm.py's default -ge -1 fuses it, forward and backward, on the triton
+# engine with CUDA). llm.c: 24 hours on 8 H100s. OpenAI's GPT-2 1558M: val loss 2.8313 on
+# FineWeb val, HellaSwag 48.89.
 #
 #   scripts/run_gpt2_1558M.sh              all GPUs of this machine (torchrun); resumes itself
 #   DRY_RUN=1 scripts/run_gpt2_1558M.sh    print the commands and check the flags only

@@ -109,11 +109,13 @@ def test_gradient_accumulation_and_zero_grad():
 
 
 def test_recompute_levels_are_bit_identical():
-    """-r 0/1/2 recompute the same kernels on the same inputs: same bits."""
+    """-r 0/1/2 recompute the same kernels on the same inputs: same bits (without -ge: with
+    it the forward's GELU comes from cuBLASLt's epilogue, the recomputed one from our kernel,
+    test_gelu_fusion_matches_the_unfused_engine)."""
     x, y = batch(1)
     grads, losses = [], []
     for r in (0, 1, 2):
-        e = engine(recompute=r)
+        e = engine(recompute=r, gelu_fusion=0)
         losses.append(e.forward(x, y))
         e.backward()
         grads.append(e.get_grads())
@@ -239,11 +241,15 @@ def test_inference_runs_the_training_forwards_layers():
 
 
 def test_options_are_explicit_keywords():
-    """No flag that silently does nothing: an unknown or removed option (llm.c's -ge has no
-    counterpart here) is a TypeError, not ignored."""
+    """No flag that silently does nothing: an unknown option is a TypeError, not ignored;
+    -ge asked for where cuBLASLt is missing is refused in one line."""
     from llmpy.engines import make_engine
-    with pytest.raises(TypeError, match="gelu_fusion"):
-        engine(gelu_fusion=1)
+    if not HAS_CUDA:
+        with pytest.raises(LlmpyError, match="-ge 1 needs cuBLASLt on a CUDA device"):
+            engine(gelu_fusion=1)
+        assert engine().gelu_fusion == 0  # -1 (auto) without CUDA: the unfused kernels
+    with pytest.raises(LlmpyError, match="-ge must be -1, 0, 1 or 2|gelu fusion"):
+        engine(gelu_fusion=3)
     with pytest.raises(TypeError, match="recompte"):
         make_engine("triton", SMALL, device=DEV, recompte=2)
     with pytest.raises(TypeError):
@@ -290,6 +296,65 @@ def _stream(V, n, seed=0):
     noise = rng.random(n) < 0.05
     toks[noise] = rng.integers(0, V, size=noise.sum())
     return toks
+
+
+@pytest.mark.gpu
+def test_cublaslt_epilogues_match_torch():
+    """cublaslt.linear (GELU_AUX_BIAS, BIAS) and mm_dgelu (DGELU, DGELU_BGRAD) against fp32
+    torch on the same bf16 inputs, on row-slices of larger buffers (views at offsets, as the
+    engine's per-layer buffers are), with odd sizes."""
+    from llmpy.engines.triton import cublaslt
+    assert cublaslt.available()
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(torch.bfloat16)
+
+    def gelu(u):
+        return 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+
+    M, K, N = 1000, 192, 328
+    x = r(2, M, K)[1]
+    w, bias = r(3, N, K, scale=0.1)[2], r(N)
+    pre = x.float() @ w.float().t() + bias.float()
+    out, aux = r(M, N), r(2, M, N)[1]
+    cublaslt.linear(x, w, out, bias, aux=aux)
+    assert rel(aux.float().cpu(), pre.cpu()) < 1e-2
+    assert rel(out.float().cpu(), gelu(pre).cpu()) < 1e-2
+    cublaslt.linear(x, w, out, bias)
+    assert rel(out.float().cpu(), pre.cpu()) < 1e-2
+    dout, wp = r(M, K), r(K, N, scale=0.1)
+    u = aux.float().requires_grad_(True)
+    gelu(u).backward((dout.float() @ wp.float()))
+    dx, dbias = r(M, N), r(N)
+    cublaslt.mm_dgelu(dout, wp, aux, dx, dbias=dbias)
+    assert rel(dx.float().cpu(), u.grad.cpu()) < 1e-2
+    assert rel(dbias.float().cpu(), u.grad.sum(0).cpu()) < 1e-2
+    dx2 = r(M, N)
+    cublaslt.mm_dgelu(dout, wp, aux, dx2)  # DGELU alone (another kernel: not the same bits)
+    assert rel(dx2.float().cpu(), u.grad.cpu()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gelu_fusion_matches_the_unfused_engine():
+    """-ge 1 and 2 against -ge 0 from one init at every -r: the same loss to bf16 rounding
+    and gradients within bf16 tolerance of each other (fcb's included)."""
+    cfg = ModelConfig(max_seq_len=128, vocab_size=1000, num_layers=2, num_heads=4, channels=128)
+    x, y = batch(3, b=4, t=128, V=cfg.vocab_size)
+    ref = engine(cfg, gelu_fusion=0)
+    ref_loss = ref.forward(x, y)
+    ref.backward()
+    ref_g = ref.get_grads()
+    a, b = cfg.param_offsets()["fcb"]
+    for ge in (1, 2):
+        for r in (0, 1, 2):
+            e = engine(cfg, gelu_fusion=ge, recompute=r)
+            assert abs(e.forward(x, y) - ref_loss) < 1e-2
+            e.backward()
+            got = e.get_grads()
+            assert rel(got, ref_g) < BF16, (ge, r)
+            assert rel(got[a:b], ref_g[a:b]) < BF16, (ge, r)
+    assert engine(cfg).gelu_fusion == 2  # the default with cuBLASLt
 
 
 @pytest.mark.gpu

@@ -40,6 +40,7 @@ CONFIGS = {
     "triton -r 2": ["--engine", "triton", "-r", "2"],
     "triton cudnn": ["--engine", "triton", "--attention", "cudnn"],
     "triton flash": ["--engine", "triton", "--attention", "flash"],
+    "triton -ge 0": ["--engine", "triton", "-ge", "0"],
 }
 REFERENCE = ["--engine", "torch", "--compile", "0", "--dtype", "fp32"]
 

@@ -119,7 +119,7 @@ def test_outlier_detector_zscore():
     (["-d", "100"], "-d: total batch 100 must be divisible by B*T*processes"),
     (["-i", "/nonexistent/train_*.bin"], "no token shards match '/nonexistent/train_*.bin'"),
     (["-k", "exp"], "-k: expected cosine|linear|constant|wsd"),
-    (["-ge", "1"], "-ge 1: GELU fusion into the fc matmul is not implemented"),
+    (["-ge", "3"], "-ge: expected -1, 0, 1 or 2, got 3"),
     (["-e", "d13"], "d13"),
     (["--engine", "jax"], "--engine"),
     (["-q", "2"], "-q: expected a fraction in [0, 1]"),

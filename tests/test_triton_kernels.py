@@ -124,6 +124,11 @@ def test_gelu_forward_backward():
     part = gelu.gelu_backward(dd, x, partial)
     assert rel(dd, xr.grad) < BF16
     assert rel(part.sum(0), dd.double().sum(0)) < FP32
+    # x None: column sums of dout only, dout untouched (the -ge 2 path's fcb gradient)
+    d2 = d.clone()
+    part = gelu.gelu_backward(d2, None, partial)
+    assert torch.equal(d2, d)
+    assert rel(part.sum(0), d.double().sum(0)) < FP32
 
 
 def test_encoder_forward_and_deterministic_backward():

@@ -25,6 +25,8 @@ GELU_CUBE = 0.044715
 # GPU launch configurations (bench/triton_kernels.py sweeps them). ROWS (rows per program)
 # and BLOCK_R fix the order of the bias-gradient sums, so changing them changes bits.
 # Measured on an H200 at d12 (N=65536, 4C=3072): forward 3.9 TB/s, backward 2.8 TB/s.
+# The backward's configuration also serves its column sums alone (-ge 2, x None): 0.25 ms at
+# d12, 1.6 TB/s, and no configuration swept did better.
 GPU = {"forward": dict(BLOCK=4096, num_warps=4),
        "backward": dict(ROWS=128, BLOCK_R=32, BLOCK_C=128, num_warps=4)}
 
@@ -48,7 +50,8 @@ def _gelu_forward_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gelu_backward_kernel(dout_ptr, x_ptr, partial_ptr, N, OC, ROWS_PER_PROG,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                          APPLY_GELU: tl.constexpr):
     pid_r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < OC
@@ -58,14 +61,17 @@ def _gelu_backward_kernel(dout_ptr, x_ptr, partial_ptr, N, OC, ROWS_PER_PROG,
         rmask = (rows < N) & (r + tl.arange(0, BLOCK_R) < ROWS_PER_PROG)
         mask = rmask[:, None] & cmask[None, :]
         offs = rows.to(tl.int64)[:, None] * OC + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = x * x
-        th = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
-        dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
-        grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx
-        dx = to_dtype(d * grad, dout_ptr.dtype.element_ty)
-        tl.store(dout_ptr + offs, dx, mask=mask)
+        if APPLY_GELU:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x2 = x * x
+            th = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+            dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
+            grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx
+            dx = to_dtype(d * grad, dout_ptr.dtype.element_ty)
+            tl.store(dout_ptr + offs, dx, mask=mask)
+        else:  # column sums of dout only (its GELU' came from cuBLASLt's DGELU epilogue)
+            dx = tl.load(dout_ptr + offs, mask=mask, other=0.0)
         acc += tl.sum(dx.to(tl.float32), axis=0)
     tl.store(partial_ptr + pid_r * OC + cols, acc, mask=cmask)
 
@@ -86,10 +92,13 @@ def gelu_backward_rows_per_prog(N: int) -> int:
     return max(1, N) if interpreting() else GPU["backward"]["ROWS"]
 
 
-def gelu_backward(dout: torch.Tensor, x: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+def gelu_backward(dout: torch.Tensor, x: torch.Tensor | None, partial: torch.Tensor) -> torch.Tensor:
     """dout (N, OC) becomes dout * gelu'(x) in place; writes the column sums of the result per
-    block of rows into partial (a flat fp32 buffer); returns that (P, OC) view."""
+    block of rows into partial (a flat fp32 buffer); returns that (P, OC) view. With x None,
+    dout is left alone and only its column sums are written (fcb's gradient under -ge 2)."""
     N, OC = dout.shape
+    apply = x is not None
+    x = dout if x is None else x
     if x.shape != (N, OC) or not (x.is_contiguous() and dout.is_contiguous()):
         raise ValueError(f"gelu_backward: dout {tuple(dout.shape)} and x {tuple(x.shape)} must "
                          f"be contiguous and the same shape")
@@ -106,5 +115,5 @@ def gelu_backward(dout: torch.Tensor, x: torch.Tensor, partial: torch.Tensor) ->
         BLOCK_R, BLOCK_C, num_warps = c["BLOCK_R"], c["BLOCK_C"], c["num_warps"]
     grid = (P, triton.cdiv(OC, BLOCK_C))
     _gelu_backward_kernel[grid](dout, x, partial, N, OC, rows_per_prog, BLOCK_R=BLOCK_R,
-                                BLOCK_C=BLOCK_C, num_warps=num_warps)
+                                BLOCK_C=BLOCK_C, APPLY_GELU=apply, num_warps=num_warps)
     return partial
