@@ -341,6 +341,34 @@ def test_tinystories_limit_resume_and_noop(tmp_path):
         res["shards"][1][0].read_bytes()
 
 
+
+def test_tinystories_never_replaces_a_file_it_did_not_write(tmp_path):
+    """A TinyStories_train.bin that no progress file records (llm.c's, copied in) stops the
+    build, --fresh or not; `llmpy data tinystories` as typed: one line, exit 2, file intact.
+    The files it wrote itself (a --limit build included) it rebuilds as before."""
+    tinystories_files(tmp_path / "in")
+    inp = [str(tmp_path / "in" / "*.json")]
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = b"llm.c wrote this"
+    (out / "TinyStories_train.bin").write_bytes(theirs)
+    with pytest.raises(LlmpyError, match="no progress file here records"):
+        build_tinystories(out, inp, workers=0, progress=False)
+    with pytest.raises(LlmpyError, match="TinyStories_train.bin"):
+        build_tinystories(out, inp, workers=0, fresh=True, progress=False)
+    r = subprocess.run([sys.executable, "-m", "llmpy", "data", "tinystories", "--input", *inp,
+                        "--out", str(out), "-w", "0", "--no-progress"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "TinyStories_train.bin" in r.stderr and "move it away" in r.stderr
+    assert (out / "TinyStories_train.bin").read_bytes() == theirs
+    # its own partial build (--limit), then the full one and --fresh replace its own files
+    mine = tmp_path / "mine"
+    assert not build_tinystories(mine, inp, limit_docs=3, workers=0, progress=False)["complete"]
+    assert build_tinystories(mine, inp, workers=0, progress=False)["complete"]
+    assert build_tinystories(mine, inp, workers=0, fresh=True, progress=False)["complete"]
+
+
 # ----------------------------------------------------------------------------------------
 # HellaSwag
 

@@ -13,6 +13,10 @@ process pool finishes them (not reproducible); here they follow the sorted file 
 tokens are streamed to disk file by file instead of held in one Python list. `--input`
 reads local json/jsonl/parquet files instead of the hub; `--limit N` keeps the first N
 stories of each split. A rerun skips a split whose file is already complete.
+
+Whose files: the progress file lists every split file this builder wrote there ("written",
+recorded before the file is first written). A split file it does not list (llm.c's, copied
+in, another tool's) is never replaced, `--fresh` or not: the build stops in one line.
 """
 
 from __future__ import annotations
@@ -92,7 +96,9 @@ def build_tinystories(out_dir=None, inputs=None, *, field: str = FIELD, limit_do
     settings = {"name": "TinyStories", "field": field,
                 "input": [f"{os.path.abspath(f)} ({f.stat().st_size} bytes)" for f in files]}
     prog_path = out_dir / "TinyStories_progress.json"
-    state = None if fresh else read_progress(prog_path)
+    previous = read_progress(prog_path)
+    written = _written(previous)
+    state = None if fresh else previous
     if state is not None:
         check_settings(prog_path, state["settings"], settings)
         state = _keep_valid_shards(out_dir, state)
@@ -107,7 +113,17 @@ def build_tinystories(out_dir=None, inputs=None, *, field: str = FIELD, limit_do
                 results.append((out_dir / done[split]["file"], done[split]["tokens"]))
                 ndocs += done[split]["docs"]
                 continue
-            path, n, docs, limited = _build_split(pool, out_dir / output_name(split),
+            target = out_dir / output_name(split)
+            if target.exists() and target.name not in written:
+                raise LlmpyError(f"{target}: exists, but no progress file here records "
+                                 f"writing it (llm.c's or copied in?); expected a dir without "
+                                 f"it or one this builder wrote; the build would replace it: "
+                                 f"move it away or pick another --out")
+            if target.name not in written:  # recorded before it exists: ours from now on
+                written.add(target.name)
+                state["written"] = sorted(written)
+                write_progress(prog_path, state)
+            path, n, docs, limited = _build_split(pool, target,
                                                   split_files, field, limit_docs, progress)
             results.append((path, n))
             ndocs += docs
@@ -119,9 +135,18 @@ def build_tinystories(out_dir=None, inputs=None, *, field: str = FIELD, limit_do
                                         "docs": docs})
                 write_progress(prog_path, state)
     state["complete"] = complete
+    state["written"] = sorted(written)
     write_progress(prog_path, state)
     return {"shards": results, "tokens": sum(n for _, n in results), "docs": ndocs,
             "complete": complete}
+
+
+def _written(state: dict | None) -> set[str]:
+    """The split files a previous build here wrote: those its progress file records (older
+    progress files list only the finished splits)."""
+    if not state:
+        return set()
+    return {s["file"] for s in state["shards"]} | set(state.get("written", []))
 
 
 def _build_split(pool: WorkerPool, path: Path, files: list[Path], field: str,
