@@ -128,6 +128,38 @@ def test_out_dir_that_is_a_file_or_under_one(shards, tmp_path):
     assert f.read_text() == "mine"
 
 
+
+def unprivileged(cmd):
+    """`cmd` run without the power to write where the permissions say no: as is for a
+    normal user; as root (CI) through setpriv with every capability dropped (root keeps its
+    uid, so the interpreter under /root stays readable, but loses CAP_DAC_OVERRIDE); None
+    when neither is possible."""
+    if os.geteuid() != 0:
+        return cmd
+    import shutil
+    if shutil.which("setpriv"):
+        return ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+                *cmd]
+    return None
+
+
+def test_unwritable_out_dir_is_refused_before_the_first_step(shards, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    cmd = unprivileged([sys.executable, "-m", "llmpy", "train",
+                        *base_args(shards, ro / "out", steps=2)])
+    if cmd is None:
+        pytest.skip("running as root without setpriv: no way to be refused a write")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        ro.chmod(0o700)
+    one_line_exit_2(r, f"{ro} is not writable by this user")
+    assert "pick another -o" in r.stderr and "step" not in r.stdout
+    assert list(ro.iterdir()) == []
+
+
 def test_disk_full_during_a_checkpoint(shards, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     real = os.fsync
