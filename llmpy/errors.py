@@ -23,6 +23,11 @@ class FormatError(LlmpyError):
         super().__init__(msg)
 
 
+class BadToken(FormatError):
+    """A token id >= V in a shard, found by the loader when it reads the batch (so possibly
+    mid-run: the loop saves the last completed step before it stops)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are an LlmpyError (one line and exit 2 through the CLI), not
     the usage block; subparsers inherit it."""

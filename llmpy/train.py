@@ -24,7 +24,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ModelConfig
-from .errors import LlmpyError, TrainingStopped
+from .errors import BadToken, LlmpyError, TrainingStopped
 from .logger import Logger
 from .models import cuda_available, engine_options, load_model, peek_config, \
     pick_engine_and_device
@@ -214,12 +214,18 @@ def loop(run: Run) -> dict:
             last_step = step == run.steps
             evaluate(run, step, last_step)
             resumed_here = run.resume_state is not None and step == run.start_step
+            saved = resumed_here  # this step's checkpoint is on disk
             if rc.out_dir and not resumed_here and step > 0 and (
                     (rc.checkpoint_every and step % rc.checkpoint_every == 0) or last_step):
                 save_checkpoint(run, step)
+                saved = True
             if last_step:
                 break
-            optimizer_step(run, step)
+            loader_at_step = run.train_loader.state_dict()
+            try:
+                optimizer_step(run, step)
+            except BadToken as e:
+                _stop_on_bad_token(run, step, e, loader_at_step, saved)
             if dist.agree_any(stop.requested):  # SIGTERM/SIGINT: checkpoint, then stop
                 _stop(run, step + 1, stop)
     run.logger.close()
@@ -235,6 +241,28 @@ def _stop(run: Run, step: int, stop: StopOnSignal) -> None:
         save_checkpoint(run, step)
     run.logger.close()
     raise stop.stopped(step, ckpt.model_path(run.rc.out_dir, step) if run.rc.out_dir else None)
+
+
+def _stop_on_bad_token(run: Run, step: int, e: BadToken, loader_at_step: dict,
+                       saved: bool) -> None:
+    """A token id >= V met mid-step: nothing of this step is applied yet, so the run up to
+    `step` is saved (with -o, one process) before the one-line error, and -y 1 loses nothing
+    once the shard is fixed."""
+    rc, out = run.rc, run.rc.out_dir
+    run.logger.close()
+    if not out:
+        where = "nothing saved (no -o)"
+    elif step == 0:
+        where = "no step completed, nothing to save"
+    elif run.dist.world > 1:
+        where = f"not saved (one rank of {run.dist.world} met it)"
+    else:
+        if not saved:
+            run.train_loader.load_state_dict(loader_at_step)  # the step's samples, again
+            save_checkpoint(run, step)
+        where = f"the run is saved at step {step} ({ckpt.model_path(out, step)}): fix " \
+                f"the shard, then continue with -y 1"
+    raise LlmpyError(f"step {step}: {e}; {where}") from None
 
 
 def evaluate(run: Run, step: int, last_step: bool) -> None:

@@ -152,6 +152,32 @@ def test_token_ids_past_the_vocabulary_name_the_shard(shards, tmp_path, capsys):
     assert rc == 2 and str(big) in err and "V = 512" in err, err
 
 
+
+def test_bad_token_mid_run_saves_the_last_step_first(shards, tmp_path, capsys):
+    """An id >= V in step 3's second micro-batch (B*T = 32 tokens, 2 per step, no shuffle):
+    one line naming the shard, the token and the checkpoint of step 3, exit 2; after the
+    shard is fixed, -y 1 gives the uninterrupted run's losses (nothing lost)."""
+    good = np.fromfile(shards / "train_000001.bin", dtype="<u2", offset=1024)
+    shard = tmp_path / "mine_000001.bin"
+    bad = good.copy()
+    bad[3 * 64 + 40] = 600  # V = 512
+    write_shard(shard, bad)
+    args = lambda out, *more: [*base_args(shards, out, steps=6), "-i", str(shard),  # noqa: E731
+                               "--shuffle", "0", *more]
+    r = run_cli(args(tmp_path / "o"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for needle in (str(shard), f"token {3 * 64 + 40}", "got 600", "saved at step 3",
+                   "model_00000003.bin", "-y 1"):
+        assert needle in r.stderr, r.stderr
+    assert ckpt.complete_steps(tmp_path / "o") == [3]
+    write_shard(shard, good)
+    assert cli_main(["train", *args(tmp_path / "o", "-y", "1")]) == 0
+    assert cli_main(["train", *args(tmp_path / "ref")]) == 0
+    capsys.readouterr()
+    ref = train_losses(tmp_path / "ref")
+    assert train_losses(tmp_path / "o") == ref and sorted(ref) == list(range(6))
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("bad", [65535, 512, -1])  # uint16 max, a padded-vocab row, negative
 def test_engines_range_check_token_ids(engine, bad):

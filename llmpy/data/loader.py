@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import FormatError, LlmpyError
+from ..errors import BadToken, FormatError, LlmpyError
 from ..formats import open_shard, read_eval, shard_num_tokens
 
 # Tags that keep the shard-order and sample-order random streams apart.
@@ -151,7 +151,7 @@ class DistributedDataLoader:
         window = np.array(self._tokens[start:start + B * T + 1], dtype=np.int32)  # (B*T+1,)
         if self.vocab_size and window.size and int(window.max()) >= self.vocab_size:
             at = start + int(window.argmax())
-            raise FormatError(self.files[shard], f"token {at}", f"an id < V = {self.vocab_size}"
+            raise BadToken(self.files[shard], f"token {at}", f"an id < V = {self.vocab_size}"
                               f" (the model's vocabulary)", int(window[at - start]),
                               "these shards were built for another vocabulary: use a model "
                               "with a larger V (-e) or rebuild the shards")
