@@ -78,9 +78,58 @@ def default_eval_path(task: str):
     return cache_dir(task) / ("hellaswag_val.bin" if task == "hellaswag" else "mmlu_test.bin")
 
 
+# llm.c's test_gpt2.c bounds: logits within 1e-2, gradients within 2e-2 (here relative to
+# each tensor's largest value, so one bound fits every tensor), the loss within 1e-2
+DEBUG_TOL = {"logits": 1e-2, "grads": 2e-2, "loss": 1e-2}
+
+
+def debug_state_errors(engine, ref: dict) -> dict:
+    """What llm.c's test_gpt2 checks of a debug state (formats.read_debug_state) on `engine`:
+    max |error| / max |reference| of the logits and of each of the 16 gradients, and the
+    loss difference, for the state's batch x, y."""
+    def rel(a, b):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    errors = {"logits": rel(engine.logits(ref["x"]), ref["logits"])}
+    errors["loss"] = abs(float(engine.forward(ref["x"], ref["y"])) - ref["loss"])
+    engine.zero_grad()
+    engine.backward()
+    grads = engine.get_grads()
+    for name, (a, b) in engine.config.param_offsets().items():
+        errors["d" + name] = rel(grads[a:b], ref["grads"][a:b])
+    return errors
+
+
+def _debug_state(a) -> int:
+    """`llmpy eval debug-state MODEL [--file STATE]`: llm.c's test_gpt2 on any engine."""
+    from pathlib import Path
+
+    from .formats import read_debug_state
+    from .models import build_engine
+    if Path(a.model).is_dir() and (Path(a.model) / "model.bin").is_file():
+        a.model = str(Path(a.model) / "model.bin")  # a dir of `llmpy export debug-state`
+    state = a.file or str((Path(a.model) if Path(a.model).is_dir() else
+                           Path(a.model).parent) / "debug_state.bin")
+    engine, where = build_engine(a.model, a.engine, a.device, flag="MODEL")
+    ref = read_debug_state(state, engine.config)  # checked before anything is computed
+    print(f"model: {where}; debug state: {state} (B={ref['x'].shape[0]}, "
+          f"T={ref['x'].shape[1]})", flush=True)
+    errors = debug_state_errors(engine, ref)
+    worst = max((v, k) for k, v in errors.items() if k.startswith("d"))
+    bad = [k for k, v in errors.items()
+           if v > DEBUG_TOL["grads" if k.startswith("d") else k]]
+    print(f"logits rel err {errors['logits']:.3g}, loss {ref['loss']:.6f} (err "
+          f"{errors['loss']:.3g}), worst gradient {worst[1]} rel err {worst[0]:.3g}")
+    print("OK" if not bad else f"NOT OK: {', '.join(bad)} over llm.c's test_gpt2 bounds "
+          f"{DEBUG_TOL}")
+    return 0 if not bad else 1
+
+
 def main(argv: list[str]) -> int:
-    """`llmpy eval hellaswag|mmlu|val MODEL`: evaluate a model file, checkpoint dir or HF
-    GPT-2 (name or directory)."""
+    """`llmpy eval hellaswag|mmlu|val|debug-state MODEL`: evaluate a model file, checkpoint
+    dir or HF GPT-2 (name or directory); debug-state compares the model's logits, loss and
+    gradients with an llm.c debug state (test_gpt2)."""
     from pathlib import Path
 
     from .data.loader import DistributedDataLoader, EvalLoader
@@ -88,12 +137,14 @@ def main(argv: list[str]) -> int:
     from .settings import saved_run_config
 
     p = OneLineParser(prog="llmpy eval", description=main.__doc__)
-    p.add_argument("task", choices=["hellaswag", "mmlu", "val"])
+    p.add_argument("task", choices=["hellaswag", "mmlu", "val", "debug-state"])
     p.add_argument("model", help="llm.c model .bin, an output dir (newest checkpoint), a "
                    "descriptor, or a Hugging Face GPT-2 name/dir")
     p.add_argument("--file", default="", help="eval file (default: the cache's "
-                   "hellaswag/hellaswag_val.bin or mmlu/mmlu_test.bin) or, for val, the token "
-                   "shard glob (-j; default on a run dir: that run's val data)")
+                   "hellaswag/hellaswag_val.bin or mmlu/mmlu_test.bin); for val, the token "
+                   "shard glob (-j; default on a run dir: that run's val data); for "
+                   "debug-state, the llm.c debug state (default: debug_state.bin beside "
+                   "MODEL, or in MODEL when it is a dir of `llmpy export debug-state`)")
     p.add_argument("-b", "--batch-size", type=int, default=0, help="default: the run's -b "
                    "(run dir), else 4")
     p.add_argument("-t", "--seq-len", type=int, default=0, help="default: the run's -t (run "
@@ -103,6 +154,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    if a.task == "debug-state":
+        return _debug_state(a)
     record = saved_run_config(a.model) or {}  # a run dir: its data and settings
     run = record.get("settings", {})
     a.batch_size = a.batch_size or run.get("batch_size", 4)
@@ -133,7 +186,7 @@ def main(argv: list[str]) -> int:
         default_T = min(512, config.max_seq_len) if a.task == "hellaswag" else config.max_seq_len
         T = a.seq_len or default_T
         B = max(4, a.batch_size - a.batch_size % 4)
-        loader = EvalLoader(path, B, T)
+        loader = EvalLoader(path, B, T, vocab_size=config.vocab_size)
         if a.limit:
             loader.examples = loader.examples[:a.limit]
             loader.num_batches = -(-len(loader.examples) // loader.examples_per_batch)
@@ -144,7 +197,7 @@ def main(argv: list[str]) -> int:
               f"loss, llm.c's C score): {scores['acc_norm']:.4f}")
     else:
         T = a.seq_len or config.max_seq_len
-        loader = DistributedDataLoader(a.file, a.batch_size, T)
+        loader = DistributedDataLoader(a.file, a.batch_size, T, vocab_size=config.vocab_size)
         n = loader.batches_per_epoch if a.val_batches == -1 else min(a.val_batches,
                                                                       loader.batches_per_epoch)
         total = 0.0

@@ -260,6 +260,12 @@ def read_debug_state(path, config: ModelConfig) -> dict:
 
     x = take(B * T, "<i4").reshape(B, T)
     y = take(B * T, "<i4").reshape(B, T)
+    for name, ids in (("x", x), ("y", y)):
+        if ids.min() < 0 or ids.max() >= V:
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise FormatError(path, f"{name} token ids", f"in [0, V = {V})", bad,
+                              "a debug state of another model, or damaged: " +
+                              REGEN_HINT[DEBUG_MAGIC])
     logits = take(B * T * V, "<f4").reshape(B, T, V)
     loss = float(take(1, "<f4")[0])
     grads = take(N, "<f4")
@@ -284,7 +290,7 @@ def write_tokenizer(path, token_bytes: list[bytes], eot: int) -> None:
 def read_tokenizer(path) -> tuple[list[bytes], int]:
     h = read_header(path, TOKENIZER_MAGIC, (1, TOKENIZER_VERSION))
     V = check_field(path, h, 2, "vocab_size", 1)
-    eot = int(h[3]) if h[1] == 2 else 50256
+    eot = check_field(path, h, 3, "eot_token", 0, V - 1) if h[1] == 2 else 50256
     raw = Path(path).read_bytes()[HEADER_BYTES:]
     tokens, pos = [], 0
     for i in range(V):

@@ -103,6 +103,18 @@ def sample_text(engine, prompt: str, gen_tokens: int, temperature: float = 1.0,
     return prompt + detokenize(tok, row)
 
 
+def _file_tokenizer(path: str, config):
+    """llm.c's tokenizer file, read and checked before anything is generated: it must name
+    every id the model can sample."""
+    from .tokenizer import read_tokenizer_file
+    tok = read_tokenizer_file(path)
+    if tok.n_vocab < config.vocab_size:
+        raise LlmpyError(f"--tokenizer {path}: {tok.n_vocab} tokens, expected at least the "
+                         f"model's vocabulary V = {config.vocab_size}; pass the tokenizer "
+                         f"of this model's vocabulary")
+    return tok
+
+
 def main(argv: list[str]) -> int:
     """`llmpy sample CHECKPOINT [--prompt TEXT] [-g N] ...`: print generated text."""
     import sys
@@ -123,6 +135,9 @@ def main(argv: list[str]) -> int:
                    "the run's (run dir), else 0")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tokenizer", default="", metavar="FILE",
+                   help="decode with llm.c's tokenizer file (gpt2_tokenizer.bin, as llm.c's "
+                   "trainer prints its samples) instead of the built-in GPT-2 BPE")
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
@@ -135,8 +150,8 @@ def main(argv: list[str]) -> int:
     if a.num_samples < 1:
         raise LlmpyError(f"--num-samples: expected >= 1, got {a.num_samples}")
     engine, where = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
+    tok = _file_tokenizer(a.tokenizer, engine.config) if a.tokenizer else get_tokenizer()
     print(f"llmpy sample: model {where}", file=sys.stderr, flush=True)
-    tok = get_tokenizer()
     prompt = prompt_ids(a.prompt, engine.config)
     rows = generate(engine, prompt, a.gen_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, seed=a.seed, num_samples=a.num_samples)

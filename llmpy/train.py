@@ -165,7 +165,7 @@ def _data(rc: RunConfig, dist, engine_name: str, device: str, config: ModelConfi
         if not Path(hs_file).is_file():
             raise LlmpyError(f"-h 1: HellaSwag eval file {hs_file} not found (build it with "
                              f"`llmpy data hellaswag`, or pass --hellaswag-file)")
-        hs_loader = EvalLoader(hs_file, B - B % 4 or 4, T, dist.rank, world)
+        hs_loader = EvalLoader(hs_file, B - B % 4 or 4, T, dist.rank, world, vocab_size=V)
     return Run(rc=rc, dist=dist, engine_name=engine_name, device=device, config=config,
                train_glob=train_glob, val_glob=val_glob, train_loader=train_loader,
                val_loader=val_loader, hs_loader=hs_loader, total_batch=total_batch,

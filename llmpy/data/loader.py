@@ -321,7 +321,8 @@ class EvalLoader:
     padding (mask 0, label -1), so collectives stay in step.
     """
 
-    def __init__(self, path, B: int, T: int, rank: int = 0, world: int = 1):
+    def __init__(self, path, B: int, T: int, rank: int = 0, world: int = 1,
+                 vocab_size: int | None = None):
         self.B, self.T = _check_int("B", B, 1), _check_int("T", T, 2)
         self.world = _check_int("world", world, 1)
         self.rank = _check_int("rank", rank, 0)
@@ -339,6 +340,11 @@ class EvalLoader:
             if not ex["ctx"] or not all(ex["endings"]):
                 raise FormatError(path, f"example {i}", "a non-empty context and endings",
                                   "an empty one")
+            top = max(max(ex["ctx"]), *(max(e) for e in ex["endings"]))
+            if vocab_size and top >= vocab_size:  # checked before any batch is scored
+                raise BadToken(path, f"example {i} token", f"an id < V = {vocab_size} (the "
+                               f"model's vocabulary)", top, "an eval file of another "
+                               "vocabulary, or damaged: re-run `llmpy data hellaswag`")
             longest = max(len(e) for e in ex["endings"])
             if longest >= self.T:
                 raise LlmpyError(f"eval loader: {path}: example {i} has an ending of {longest} "
