@@ -198,10 +198,45 @@ def init_method(rc, launcher: str, rank: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+# -pi fs: the key rank 0 adds to the rendezvous file once every process has met. A file
+# holding it belongs to a launch that got past its rendezvous; torch deletes the file when
+# the last process of a run leaves it cleanly, so one still there was left by a killed run.
+RENDEZVOUS_DONE = "llmpy_rendezvous_complete"
+
+
+def _remove_stale_rendezvous(path: str) -> bool:
+    """Delete the -pi fs file `path` if a finished launch left it (it holds RENDEZVOUS_DONE),
+    under an flock on `path`.lock, so that of several processes checking at once only the
+    first deletes it and none deletes the new file of this launch."""
+    import fcntl
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as f:
+                stale = RENDEZVOUS_DONE.encode() in f.read()
+        except FileNotFoundError:
+            return False
+        if stale:
+            os.unlink(path)
+        return stale
+
+
+def _rendezvous_failed(path: str) -> None:
+    """A -pi fs rendezvous that cannot complete (timeout, error, Ctrl-C): its file would make
+    the next launch wait, so it goes (the other processes of this launch fail as well)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _rendezvous_timeout(method: str, world: int) -> None:
-    stale = (f"; a file left by a crashed run makes every launch wait: stop all processes, "
-             f"delete {method[len('file://'):]} and relaunch") if method.startswith("file://") \
-        else ""
+    stale = ""
+    if method.startswith("file://"):
+        path = method[len("file://"):]
+        _rendezvous_failed(path)
+        stale = (f"; removed its file {path} (a run killed while it waited leaves one): "
+                 f"relaunch all processes")
     print(f"llmpy train: error: rendezvous {method}: {world} processes did not meet within "
           f"{TIMEOUT} (LLMPY_DIST_TIMEOUT_MIN){stale}", file=sys.stderr, flush=True)
     os._exit(2)
@@ -229,11 +264,37 @@ def init(rc, device: str, engine: str = "torch") -> Dist:
     watchdog.daemon = True
     watchdog.start()
     try:
-        tdist.init_process_group(backend=backend, init_method=method, rank=rank,
-                                 world_size=world, timeout=TIMEOUT)
+        if method.startswith("file://"):
+            _file_rendezvous(method[len("file://"):], backend, rank, world)
+        else:
+            tdist.init_process_group(backend=backend, init_method=method, rank=rank,
+                                     world_size=world, timeout=TIMEOUT)
+    except RuntimeError as e:  # torch's DistError and gloo/NCCL connection errors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LlmpyError(f"rendezvous {method} as rank {rank} of {world}: {first} (are all "
+                         f"{world} processes started with the same -pi/-pf/-ps?)") from None
     finally:
         watchdog.cancel()
     return Dist(rank=rank, world=world, local_rank=local, backend=backend)
+
+
+def _file_rendezvous(path: str, backend: str, rank: int, world: int) -> None:
+    """-pi fs: meet in a torch FileStore at `path`. A file left by a killed run (it holds
+    RENDEZVOUS_DONE) is removed first and said so; this launch's file gets RENDEZVOUS_DONE
+    once everyone has met; a rendezvous that fails removes its file."""
+    import torch.distributed as tdist
+    if _remove_stale_rendezvous(path):
+        print(f"note: -pi fs: removed {path}, left by an earlier launch that was killed "
+              f"after its rendezvous; meeting in a new one", flush=True)
+    try:
+        store = tdist.FileStore(path, world)
+        tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                                 timeout=TIMEOUT)
+    except BaseException:
+        _rendezvous_failed(path)
+        raise
+    if rank == 0:
+        store.set(RENDEZVOUS_DONE, "1")
 
 
 class GradSync:

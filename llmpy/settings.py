@@ -124,9 +124,11 @@ FLAGS = [
     ("-pn", "--num-processes", "num_processes", int, "number of processes"),
     ("-pr", "--process-rank", "process_rank", int, "this process's rank"),
     ("-pg", "--gpus-per-node", "gpus_per_node", int, "GPUs per node"),
-    ("-pi", "--init-method", "init_method", str, "multi-process init: mpi|tcp|fs"),
+    ("-pi", "--init-method", "init_method", str, "multi-process init: mpi|tcp|fs (fs: a "
+     "file in -pf; one a killed run left is removed by the next launch)"),
     ("-ps", "--server-ip", "server_ip", str, "rendezvous server (tcp init)"),
-    ("-pf", "--fs-path", "fs_path", str, "shared-file path (fs init)"),
+    ("-pf", "--fs-path", "fs_path", str, "dir shared by all processes (fs init): holds "
+     "llmpy_rendezvous (per slurm job step under slurm) and its .lock"),
     (None, "--engine", "engine", str, "numpy|torch|triton|auto"),
     (None, "--attention", "attention", str, "attention kernel of the triton engine: "
      "auto|cudnn|flash|math"),

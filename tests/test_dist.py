@@ -148,8 +148,9 @@ def test_numpy_engine_with_processes_is_refused_before_the_rendezvous(shards, tm
 
 
 def test_stale_fs_rendezvous_file_is_one_line_after_the_timeout(shards, tmp_path):
-    """A rendezvous file left by a crashed run: the launch used to wait forever, whatever the
-    timeout; now it stops after LLMPY_DIST_TIMEOUT_MIN with one line naming the file."""
+    """A rendezvous file that never completed (a run killed while it waited, or garbage):
+    the launch used to wait forever, whatever the timeout; now it stops after
+    LLMPY_DIST_TIMEOUT_MIN with one line naming the file, and removes it for the next one."""
     import subprocess
     import sys
     rdv = tmp_path / "rdv"
@@ -161,8 +162,43 @@ def test_stale_fs_rendezvous_file_is_one_line_after_the_timeout(shards, tmp_path
     r = subprocess.run([sys.executable, "-m", "llmpy", "train", *args], capture_output=True,
                        text=True, timeout=120, env={**env, "LLMPY_DIST_TIMEOUT_MIN": "0.05"})
     assert r.returncode == 2, r.stderr
-    assert "delete " + str(rdv / "llmpy_rendezvous") in r.stderr, r.stderr
+    assert "removed its file " + str(rdv / "llmpy_rendezvous") in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (rdv / "llmpy_rendezvous").exists()
+
+
+KILLED_AFTER_RENDEZVOUS = """
+import os, signal, sys
+from llmpy.dist import init
+from llmpy.settings import RunConfig
+rc = RunConfig(num_processes=2, process_rank=int(sys.argv[1]), init_method="fs",
+               fs_path=sys.argv[2])
+init(rc, "cpu", "torch")
+os.kill(os.getpid(), signal.SIGKILL)  # as scancel -s KILL, an OOM kill, a node lost
+"""
+
+
+def test_fs_rendezvous_file_of_a_killed_run_does_not_hang_the_next_launch(shards, tmp_path):
+    """Two ranks meet through -pi fs and are SIGKILLed: their file stays. The next launch
+    (same -pf, no slurm) removes it, says so in one line and trains, instead of waiting for
+    the timeout; a clean run leaves no rendezvous file."""
+    rdv = tmp_path / "rdv"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["LLMPY_DIST_TIMEOUT_MIN"] = "0.75"
+    killed = [subprocess.Popen([sys.executable, "-c", KILLED_AFTER_RENDEZVOUS, str(r),
+                                str(rdv)], env=env) for r in range(2)]
+    assert [p.wait(timeout=120) for p in killed] == [-9, -9]
+    assert (rdv / "llmpy_rendezvous").exists()
+    procs = [subprocess.Popen([sys.executable, "-m", "llmpy", "train", *args_for(
+        shards, tmp_path / "o", steps=1, extra=["-v", "0", "-pn", "2", "-pr", str(r), "-pi",
+                                                "fs", "-pf", str(rdv)])],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    notes = [line for log in logs for line in log.splitlines() if "-pi fs: removed" in line]
+    assert len(notes) == 1 and str(rdv / "llmpy_rendezvous") in notes[0], logs
+    assert not (rdv / "llmpy_rendezvous").exists()
 
 
 def test_launcher_detection(monkeypatch):
