@@ -79,12 +79,12 @@ def generate(engine, prompt: list[int], max_new_tokens: int, *, temperature: flo
 DOC_BREAK = "\n[document break]\n"  # what the EOT token looks like in printed samples
 
 
-def detokenize(tok, ids) -> str:
+def detokenize(tok, ids, eot: int = EOT) -> str:
     """Text of sampled ids; each EOT (a document boundary) shows as DOC_BREAK rather than
     the literal <|endoftext|>."""
     pieces, cur = [], []
     for i in ids:
-        if int(i) == EOT:
+        if int(i) == eot:
             pieces.append(tok.decode(cur))
             cur = []
         else:
@@ -137,7 +137,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tokenizer", default="", metavar="FILE",
                    help="decode with llm.c's tokenizer file (gpt2_tokenizer.bin, as llm.c's "
-                   "trainer prints its samples) instead of the built-in GPT-2 BPE")
+                   "trainer prints its samples) instead of the built-in GPT-2 BPE; without "
+                   "--prompt the samples start from its EOT")
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
@@ -152,11 +153,13 @@ def main(argv: list[str]) -> int:
     engine, where = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
     tok = _file_tokenizer(a.tokenizer, engine.config) if a.tokenizer else get_tokenizer()
     print(f"llmpy sample: model {where}", file=sys.stderr, flush=True)
-    prompt = prompt_ids(a.prompt, engine.config)
+    # llm.c's trainer starts its samples from the tokenizer file's EOT
+    eot = tok.eot if a.tokenizer else EOT
+    prompt = [eot] if a.tokenizer and not a.prompt else prompt_ids(a.prompt, engine.config)
     rows = generate(engine, prompt, a.gen_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, seed=a.seed, num_samples=a.num_samples)
     for i, row in enumerate(rows):
         if a.num_samples > 1:
             print(f"--- sample {i}")
-        print(a.prompt + detokenize(tok, row))
+        print(a.prompt + detokenize(tok, row, eot))
     return 0

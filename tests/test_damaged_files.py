@@ -207,3 +207,18 @@ def test_damaged_debug_state(files, tmp_path, capsys):
     run_damages(tmp_path, capsys, (files / "debug_state.bin").read_bytes(), "debug_state.bin",
                 2, lambda p: ["eval", "debug-state", str(files / "model.bin"), "--file",
                               str(p)], damages)
+
+
+def test_good_files_pass_the_same_commands(files, capsys):
+    """The commands above accept the undamaged files: only the damage is refused."""
+    from pathlib import Path
+    golden = Path(__file__).parent / "fixtures" / "golden_tiny"
+    assert cli_main(["sample", str(files / "model.bin"), "-g", "3", "--tokenizer",
+                     str(files / "tokenizer.bin")]) == 0
+    assert cli_main(["eval", "hellaswag", str(files / "model.bin"), "--file",
+                     str(files / "eval.bin")]) == 0
+    assert cli_main(["eval", "debug-state", str(golden)]) == 0  # llm.c's test_gpt2: OK
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+    # a debug state of other numbers than the model's: NOT OK, exit 1
+    assert cli_main(["eval", "debug-state", str(files / "model.bin")]) == 1
+    assert "NOT OK" in capsys.readouterr().out
