@@ -248,7 +248,7 @@ def _stop_on_bad_token(run: Run, step: int, e: BadToken, loader_at_step: dict,
     """A token id >= V met mid-step: nothing of this step is applied yet, so the run up to
     `step` is saved (with -o, one process) before the one-line error, and -y 1 loses nothing
     once the shard is fixed."""
-    rc, out = run.rc, run.rc.out_dir
+    out = run.rc.out_dir
     run.logger.close()
     if not out:
         where = "nothing saved (no -o)"
