@@ -198,10 +198,11 @@ def init_method(rc, launcher: str, rank: int) -> str:
     return f"tcp://{host}:{port}"
 
 
-# -pi fs: the key rank 0 adds to the rendezvous file once every process has met. A file
+# -pi fs: the key the last process to arrive adds to the rendezvous file: every process has met. A file
 # holding it belongs to a launch that got past its rendezvous; torch deletes the file when
 # the last process of a run leaves it cleanly, so one still there was left by a killed run.
 RENDEZVOUS_DONE = "llmpy_rendezvous_complete"
+RENDEZVOUS_ARRIVED = "llmpy_rendezvous_arrived"  # how many processes got past their init
 
 
 def _remove_stale_rendezvous(path: str) -> bool:
@@ -293,7 +294,9 @@ def _file_rendezvous(path: str, backend: str, rank: int, world: int) -> None:
     except BaseException:
         _rendezvous_failed(path)
         raise
-    if rank == 0:
+    # NCCL's init returns before the other ranks have joined, so "everyone has met" is
+    # counted: the last process to arrive marks the file
+    if store.add(RENDEZVOUS_ARRIVED, 1) == world:
         store.set(RENDEZVOUS_DONE, "1")
 
 

@@ -201,6 +201,25 @@ def test_fs_rendezvous_file_of_a_killed_run_does_not_hang_the_next_launch(shards
     assert not (rdv / "llmpy_rendezvous").exists()
 
 
+def test_fs_rendezvous_is_marked_only_when_every_process_has_met(tmp_path, monkeypatch):
+    """NCCL's init_process_group returns before the other ranks join (it connects lazily):
+    a file marked by rank 0 at that point would be taken for a killed launch's by a rank
+    that starts late, and deleted under the live launch. Here init is a no-op, as a lazy
+    backend's: after rank 0 alone the file holds no mark and is kept; the last to arrive
+    marks it."""
+    import torch.distributed as tdist
+    from llmpy import dist
+    monkeypatch.setattr(tdist, "init_process_group", lambda **kw: None)
+    path = str(tmp_path / "llmpy_rendezvous")
+    keep = tdist.FileStore(path, 3)  # an observer, so the file outlives the two ranks
+    dist._file_rendezvous(path, "nccl", 0, 2)
+    assert dist.RENDEZVOUS_DONE.encode() not in open(path, "rb").read()
+    assert not dist._remove_stale_rendezvous(path) and os.path.exists(path)
+    dist._file_rendezvous(path, "nccl", 1, 2)
+    assert dist.RENDEZVOUS_DONE.encode() in open(path, "rb").read()
+    del keep
+
+
 def test_launcher_detection(monkeypatch):
     from llmpy.dist import detect, init_method
     from llmpy.settings import RunConfig
