@@ -103,15 +103,20 @@ def sample_text(engine, prompt: str, gen_tokens: int, temperature: float = 1.0,
     return prompt + detokenize(tok, row)
 
 
-def _file_tokenizer(path: str, config):
+def _file_tokenizer(path: str, config, start_from_eot: bool):
     """llm.c's tokenizer file, read and checked before anything is generated: it must name
-    every id the model can sample."""
+    every id the model can sample, and its EOT, where samples start without --prompt, must
+    be an id the model has."""
     from .tokenizer import read_tokenizer_file
     tok = read_tokenizer_file(path)
     if tok.n_vocab < config.vocab_size:
         raise LlmpyError(f"--tokenizer {path}: {tok.n_vocab} tokens, expected at least the "
                          f"model's vocabulary V = {config.vocab_size}; pass the tokenizer "
                          f"of this model's vocabulary")
+    if start_from_eot and not 0 <= tok.eot < config.vocab_size:
+        raise LlmpyError(f"--tokenizer {path}: its EOT token {tok.eot}, where samples start "
+                         f"without --prompt, is outside the model's vocabulary V = "
+                         f"{config.vocab_size}; give a --prompt or this model's tokenizer")
     return tok
 
 
@@ -138,7 +143,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tokenizer", default="", metavar="FILE",
                    help="decode with llm.c's tokenizer file (gpt2_tokenizer.bin, as llm.c's "
                    "trainer prints its samples) instead of the built-in GPT-2 BPE; without "
-                   "--prompt the samples start from its EOT")
+                   "--prompt the samples start from its EOT (a --prompt is still encoded "
+                   "with the built-in GPT-2 BPE)")
     p.add_argument("--engine", default="auto")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
@@ -151,7 +157,8 @@ def main(argv: list[str]) -> int:
     if a.num_samples < 1:
         raise LlmpyError(f"--num-samples: expected >= 1, got {a.num_samples}")
     engine, where = build_engine(a.checkpoint, a.engine, a.device, flag="MODEL")
-    tok = _file_tokenizer(a.tokenizer, engine.config) if a.tokenizer else get_tokenizer()
+    tok = _file_tokenizer(a.tokenizer, engine.config, not a.prompt) if a.tokenizer \
+        else get_tokenizer()
     print(f"llmpy sample: model {where}", file=sys.stderr, flush=True)
     # llm.c's trainer starts its samples from the tokenizer file's EOT
     eot = tok.eot if a.tokenizer else EOT

@@ -222,3 +222,17 @@ def test_good_files_pass_the_same_commands(files, capsys):
     # a debug state of other numbers than the model's: NOT OK, exit 1
     assert cli_main(["eval", "debug-state", str(files / "model.bin")]) == 1
     assert "NOT OK" in capsys.readouterr().out
+
+
+def test_tokenizer_whose_eot_the_model_lacks(files, tmp_path, capsys):
+    """A well-formed tokenizer with more tokens than the model's V and its EOT past V: without
+    --prompt the samples would start there, so it is refused naming the file; with a prompt
+    the same file decodes."""
+    path = tmp_path / "big_tokenizer.bin"
+    F.write_tokenizer(path, [bytes([97 + i % 26]) * (1 + i // 26) for i in range(100)], eot=99)
+    argv = ["sample", str(files / "model.bin"), "-g", "2", "--tokenizer", str(path)]
+    capsys.readouterr()
+    rc = cli_main(argv)
+    out, err = capsys.readouterr()
+    check_one_line(rc, out, err, path, "EOT token 99")
+    assert cli_main(argv + ["--prompt", "!"]) == 0  # GPT-2 BPE id 0

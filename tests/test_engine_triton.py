@@ -358,6 +358,17 @@ def test_gelu_fusion_matches_the_unfused_engine():
 
 
 @pytest.mark.gpu
+def test_gelu_fusion_needs_channels_a_multiple_of_8():
+    """cuBLASLt's epilogues want leading dimensions in multiples of 8: C = 36 runs unfused
+    by default and -ge 2 is refused in one line (written after the last GPU session: not
+    yet run on a GPU)."""
+    cfg = ModelConfig(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=4, channels=36)
+    assert engine(cfg).gelu_fusion == 0
+    with pytest.raises(LlmpyError, match="multiple of 8"):
+        engine(cfg, gelu_fusion=2)
+
+
+@pytest.mark.gpu
 def test_20_steps_track_torch_engine_bf16():
     """Same init, same data: the triton engine's losses stay within 0.02 of the torch
     engine's (bf16 autocast) for 20 AdamW steps."""

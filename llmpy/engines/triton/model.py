@@ -143,8 +143,9 @@ class TritonEngine:
     "auto" (cuDNN if it passes a check against math attention on this GPU, else flash),
     "cudnn", "flash". gelu_fusion: -ge as in llm.c, GELU in the fc matmuls' cuBLASLt
     epilogues (cublaslt.py): 0 none, 1 the forward (GELU_AUX_BIAS writes GELU's input and
-    output), 2 the backward too (DGELU_BGRAD: fcproj's input gradient times GELU' and fcb's
-    gradient); -1 picks 2 where cuBLASLt is available, else 0 (the CPU).
+    output), 2 the backward too (DGELU: fcproj's input gradient times GELU'; fcb's gradient
+    from our column sums); -1 picks 2 where cuBLASLt is available and C is a multiple of 8,
+    else 0 (the CPU).
     """
 
     name = "triton"
@@ -173,6 +174,11 @@ class TritonEngine:
         if gelu_fusion > 0 and not fusable:
             raise LlmpyError(f"triton engine: -ge {gelu_fusion} needs cuBLASLt on a CUDA "
                              f"device (here {self.device}); use -ge 0")
+        if gelu_fusion > 0 and not cublaslt.shapes_ok(config.channels):
+            raise LlmpyError(f"triton engine: -ge {gelu_fusion} needs the channels C a "
+                             f"multiple of 8 (cuBLASLt's epilogues), got C = "
+                             f"{config.channels}; use -ge 0")
+        fusable = fusable and cublaslt.shapes_ok(config.channels)
         self.gelu_fusion = (2 if fusable else 0) if gelu_fusion == -1 else int(gelu_fusion)
 
         n = config.num_params
@@ -400,7 +406,7 @@ class TritonEngine:
                 gelu_forward(a.fch[l], a.fch_gelu[l])
             g["fcprojw"][l].addmm_(dres.t(), a.fch_gelu[l])                # (C, 4C)
             if self.gelu_fusion >= 2:  # times GELU' in the epilogue; then fcb's gradient
-                # (cuBLASLt's DGELU_BGRAD measured 2.6x slower than DGELU + our column sums)
+                # (cuBLASLt's DGELU_BGRAD measured 1.9x slower than DGELU + our column sums)
                 cublaslt.mm_dgelu(dres, p["fcprojw"][l], a.fch[l], a.dbt4c)
                 add_partials(gelu_backward(a.dbt4c, None, a.partial), g["fcb"][l])
             else:
