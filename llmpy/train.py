@@ -246,17 +246,15 @@ def _stop(run: Run, step: int, stop: StopOnSignal) -> None:
 def _stop_on_bad_token(run: Run, step: int, e: BadToken, loader_at_step: dict,
                        saved: bool) -> None:
     """A token id >= V met mid-step: nothing of this step is applied yet, so the run up to
-    `step` is saved (with -o, one process) before the one-line error, and -y 1 loses nothing
-    once the shard is fixed."""
+    `step` is saved (with -o; with several processes by all of them, once they agreed)
+    before the one-line error, and -y 1 loses nothing once the shard is fixed."""
     out = run.rc.out_dir
     run.logger.close()
     if not out:
         where = "nothing saved (no -o)"
     elif step == 0:
         where = "no step completed, nothing to save"
-    elif run.dist.world > 1:
-        where = f"not saved (one rank of {run.dist.world} met it)"
-    else:
+    else:  # every rank is here (optimizer_step agreed), so the checkpoint is collective
         if not saved:
             run.train_loader.load_state_dict(loader_at_step)  # the step's samples, again
             save_checkpoint(run, step)
@@ -300,18 +298,24 @@ def optimizer_step(run: Run, step: int) -> None:
     if step == run.start_step:
         run.t_steps = t0
     engine.zero_grad()
-    loss = 0.0
+    loss, bad = 0.0, None  # bad: a token id >= V this rank met (one process: raised at once)
     for micro in range(run.grad_accum):
         if rc.overfit:
             run.overfit_batch = run.overfit_batch or run.train_loader.next_batch()
             x, y = run.overfit_batch
         else:
-            x, y = run.train_loader.next_batch()
+            x, y, err = run.train_loader.next_batch_or_zeros() if dist.world > 1 else \
+                (*run.train_loader.next_batch(), None)
+            bad = bad or err
         loss += engine.forward(x, y) / run.grad_accum
         run.sync.arm(micro == run.grad_accum - 1)  # gradients cross ranks during this one
         engine.backward(1.0 / run.grad_accum)
     loss = dist.mean(loss)    # identical on every rank from here on
     norm = run.sync.reduce()  # averages gradients across ranks; the global norm
+    if dist.agree_any(bad is not None):  # all ranks stop, save and say so (loop)
+        raise bad or BadToken("a batch of another rank", "token id", "an id < V = "
+                              f"{run.config.vocab_size}", "a larger one", "that rank's line "
+                              "names its shard")
     zloss, znorm = run.loss_det.update(loss), run.norm_det.update(norm)
     lr = get_lr(rc.scheduler, step, rc.lr, rc.warmup, run.steps, rc.final_lr_frac)
     # every decision is agreed (a rank's arithmetic may differ): no rank waits alone

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from llmpy import checkpoint as ckpt  # noqa: E402
 from llmpy.formats import write_shard  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
@@ -321,3 +322,53 @@ def test_overlap_on_and_off_are_bitwise_equal(shards, tmp_path, world, zero):
         res[overlap] = launch(world, a, tmp_path, f"o{overlap}")
     assert res[1][0]["params_sha"] == res[0][0]["params_sha"] == res[1][-1]["params_sha"]
     assert res[1][0]["losses"] == res[0][0]["losses"]
+
+
+def _ranks(world, args, timeout=180):
+    """`llmpy train ARGS` as `world` ranks (torchrun's environment): [(rc, stdout, stderr)]."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), OMP_NUM_THREADS="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LLMPY_DIST_TIMEOUT_MIN="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "llmpy", "train", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+def test_bad_token_on_one_rank_stops_every_rank_with_a_checkpoint(shards, tmp_path):
+    """An id >= V in rank 1's batch of step 3 only (B*T = 32 tokens, 2 ranks, no shuffle:
+    step s of rank r reads sample 2s + r). Both ranks finish the step's collectives, agree,
+    write the step-3 checkpoint together and exit 2 with one line each, rank 1's naming the
+    shard and the token; with the shard fixed, -y 1 gives the losses of an uninterrupted
+    run. (Before, rank 1 exited alone and rank 0 waited in the all-reduce until its
+    timeout, with nothing saved.)"""
+    good = np.fromfile(shards / "train_000001.bin", dtype="<u2", offset=1024)
+    shard = tmp_path / "mine_000001.bin"
+    bad = good.copy()
+    bad[7 * 32 + 10] = 600  # sample 7: step 3, rank 1; V = 512
+    write_shard(shard, bad)
+
+    def args(out, *more):
+        a = args_for(shards, out, steps=6, extra=["-v", "0", *more])
+        a[a.index("-i") + 1] = str(shard)
+        return a
+    results = _ranks(2, args(tmp_path / "o"))
+    for r, (rc, out, err) in enumerate(results):
+        assert rc == 2 and len(err.strip().splitlines()) == 1, (r, rc, err[-2000:])
+        assert "saved at step 3" in err and "-y 1" in err, err
+    assert str(shard) in results[1][2] and f"token {7 * 32 + 10}" in results[1][2]
+    assert "another rank" in results[0][2]
+    assert ckpt.complete_steps(tmp_path / "o") == [3]
+    write_shard(shard, good)
+    assert [r[0] for r in _ranks(2, args(tmp_path / "o", "-y", "1"))] == [0, 0]
+    assert [r[0] for r in _ranks(2, args(tmp_path / "ref"))] == [0, 0]
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["train_loss"] for row in rows if "train_loss" in row}
+    ref = losses(tmp_path / "ref")
+    assert losses(tmp_path / "o") == ref and sorted(ref) == list(range(6))

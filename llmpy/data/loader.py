@@ -138,6 +138,17 @@ class DistributedDataLoader:
 
     # ---- batches -------------------------------------------------------------------------
 
+    def next_batch_or_zeros(self):
+        """(x, y, None) as next_batch(), or, where it meets a token id >= V, zeros of the
+        batch's shape and that BadToken: with several ranks the one that met it runs the
+        step's collectives on until all agree to stop (train.optimizer_step), where raising
+        at once would leave the others waiting in a collective."""
+        try:
+            return (*self.next_batch(), None)
+        except BadToken as e:
+            zeros = np.zeros((self.B, self.T), dtype=np.int32)
+            return zeros, zeros, e
+
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, y), both (B, T) int32: inputs and next-token targets for this rank."""
         B, T = self.B, self.T
