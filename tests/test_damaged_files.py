@@ -62,6 +62,23 @@ def check_one_line(rc, out, err, path, needle=""):
     assert not re.search(r"^step\s+\d+/", out, re.M), out  # no training step ran
 
 
+def refused_in_one_line(argv, path, needle, what, subprocess_run, capsys):
+    """Run llmpy `argv` (as a subprocess, or in this process) and check it refuses `path` in
+    one line; `what` names the case in a failure."""
+    if subprocess_run:
+        r = subprocess.run([sys.executable, "-m", "llmpy", *argv], capture_output=True,
+                           text=True, timeout=120)
+        rc, out, err = r.returncode, r.stdout, r.stderr
+    else:
+        capsys.readouterr()
+        rc = cli_main(argv)
+        out, err = capsys.readouterr()
+    try:
+        check_one_line(rc, out, err, path, needle)
+    except AssertionError as e:
+        raise AssertionError(f"{what}: {e}") from None
+
+
 def run_damages(tmp_path, capsys, good: bytes, name: str, slot: int, command, damages):
     """Write each damaged copy as tmp_path/<i>/name and run `command(path)` (an argv for
     llmpy) on it: the first in a subprocess, the rest in this process."""
@@ -69,19 +86,7 @@ def run_damages(tmp_path, capsys, good: bytes, name: str, slot: int, command, da
         path = tmp_path / str(i) / name
         path.parent.mkdir()
         path.write_bytes(damage(good, slot))
-        argv = command(path)
-        if i == 0:
-            r = subprocess.run([sys.executable, "-m", "llmpy", *argv], capture_output=True,
-                               text=True, timeout=120)
-            rc, out, err = r.returncode, r.stdout, r.stderr
-        else:
-            capsys.readouterr()
-            rc = cli_main(argv)
-            out, err = capsys.readouterr()
-        try:
-            check_one_line(rc, out, err, path, needle)
-        except AssertionError as e:
-            raise AssertionError(f"{name}, {what}: {e}") from None
+        refused_in_one_line(command(path), path, needle, f"{name}, {what}", i == 0, capsys)
 
 
 # ----------------------------------------------------------------------------------------
@@ -158,18 +163,7 @@ def test_damaged_state_file(files, run_dir, tmp_path, capsys):
         shutil.copytree(run_dir, path.parent)
         path.write_bytes(damage(good, F.STATE_EXTRA_LEN))
         argv = train_args(files, path.parent, "-e", MODEL, "-y", "1", "-x", "4")
-        if i == 0:
-            r = subprocess.run([sys.executable, "-m", "llmpy", *argv], capture_output=True,
-                               text=True, timeout=120)
-            rc, out, err = r.returncode, r.stdout, r.stderr
-        else:
-            capsys.readouterr()
-            rc = cli_main(argv)
-            out, err = capsys.readouterr()
-        try:
-            check_one_line(rc, out, err, path, needle)
-        except AssertionError as e:
-            raise AssertionError(f"state, {what}: {e}") from None
+        refused_in_one_line(argv, path, needle, f"state, {what}", i == 0, capsys)
         assert path.read_bytes() == damage(good, F.STATE_EXTRA_LEN)  # left as it was
 
 
