@@ -94,6 +94,8 @@ def engine_options(spec: str, args) -> dict:
                 opts["recompute"] = int(v[1])
             elif v in ("ge0", "ge1", "ge2"):
                 opts["gelu_fusion"] = int(v[2])
+            elif v == "f8":
+                opts["fp8_head"] = 1
             else:
                 opts["attention"] = v
     return opts

@@ -128,14 +128,16 @@ def engine_options(engine: str, device: str, rc=None) -> dict:
         opts.update(dtype=dtype, compile=bool(compile_))
     if engine == "triton" and rc is not None:
         opts.update(recompute=rc.recompute, master_weights=bool(rc.master_weights),
-                    attention=rc.attention, gelu_fusion=rc.gelu_fusion)
+                    attention=rc.attention, gelu_fusion=rc.gelu_fusion,
+                    fp8_head=rc.fp8_head)
     return opts
 
 
 def engine_flags_row(rc, engine: str, device: str) -> str:
     """The engine-specific settings in force; flags this engine ignores are named."""
     if engine == "triton":
-        return (f"-r {rc.recompute} -w {rc.master_weights} -ge {rc.gelu_fusion} --attention "
+        return (f"-r {rc.recompute} -w {rc.master_weights} -ge {rc.gelu_fusion} -f8 "
+                f"{rc.fp8_head} --attention "
                 f"{rc.attention}; --dtype/--compile not used (bf16, no compile)")
     if engine == "torch":
         opts = engine_options(engine, device, rc)

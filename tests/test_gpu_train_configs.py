@@ -41,6 +41,7 @@ CONFIGS = {
     "triton cudnn": ["--engine", "triton", "--attention", "cudnn"],
     "triton flash": ["--engine", "triton", "--attention", "flash"],
     "triton -ge 0": ["--engine", "triton", "-ge", "0"],
+    "triton -f8 1 (FP8 lm head)": ["--engine", "triton", "-f8", "1"],
 }
 REFERENCE = ["--engine", "torch", "--compile", "0", "--dtype", "fp32"]
 

@@ -7,6 +7,9 @@ overwrites the row with dlogits = (softmax - onehot(target)) * dloss, and with z
 padded columns V..Vp, so the (N, Vp) logits buffer becomes its own gradient and no second
 buffer of that size (the largest activation) exists.
 
+The FP8 lm head (fp8.py, -f8 1) passes `out`: the logits are left alone and
+(softmax - onehot) * 2^15 goes to an e5m2 buffer.
+
 Dimension legend: N rows (B*T), V vocabulary, Vp padded vocabulary (the row stride).
 """
 
@@ -27,20 +30,19 @@ GPU = dict(BLOCK_V=4096, num_warps=8, PER_SM=0)
 
 
 @triton.jit
-def _classifier_kernel(logits_ptr, targets_ptr, losses_ptr, N, V, Vp, stride, dloss, row_step,
-                       WRITE_DLOGITS: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_V: tl.constexpr):
+def _classifier_kernel(logits_ptr, targets_ptr, losses_ptr, out_ptr, N, V, Vp, stride,
+                       out_stride, dloss, row_step, WRITE_DLOGITS: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     for row0 in range(tl.program_id(0) * BLOCK_R, N, row_step):
-        _classifier_rows(logits_ptr, targets_ptr, losses_ptr, row0, N, V, Vp, stride, dloss,
-                         WRITE_DLOGITS, BLOCK_R, BLOCK_V)
+        _classifier_rows(logits_ptr, targets_ptr, losses_ptr, out_ptr, row0, N, V, Vp, stride,
+                         out_stride, dloss, WRITE_DLOGITS, BLOCK_R, BLOCK_V)
 
 
 @triton.jit
-def _classifier_rows(logits_ptr, targets_ptr, losses_ptr, row0, N, V, Vp, stride, dloss,
-                     WRITE_DLOGITS: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_V: tl.constexpr):
-    rows = row0 + tl.arange(0, BLOCK_R)
-    rmask = rows < N
+def _row_losses(logits_ptr, targets_ptr, losses_ptr, rows, rmask, V, stride,
+                BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """First pass over rows' V real columns (online softmax): stores the losses, returns
+    (lse, target) per row."""
     base = logits_ptr + rows.to(tl.int64)[:, None] * stride
     m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)
     s = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -55,29 +57,50 @@ def _classifier_rows(logits_ptr, targets_ptr, losses_ptr, row0, N, V, Vp, stride
     tgt = tl.load(targets_ptr + rows, mask=rmask, other=0).to(tl.int64)
     xt = tl.load(logits_ptr + rows.to(tl.int64) * stride + tgt, mask=rmask, other=0.0)
     tl.store(losses_ptr + rows, lse - xt.to(tl.float32), mask=rmask)
+    return lse, tgt
+
+
+@triton.jit
+def _row_dlogits(x, cols, lse, tgt, V, scale):
+    """(softmax - onehot(target)) * scale on a tile of logits, 0 in the padding."""
+    p = tl.exp(x - lse[:, None])
+    d = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * scale
+    return tl.where((cols < V)[None, :], d, 0.0)
+
+
+@triton.jit
+def _classifier_rows(logits_ptr, targets_ptr, losses_ptr, out_ptr, row0, N, V, Vp, stride,
+                     out_stride, dloss, WRITE_DLOGITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_V: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    lse, tgt = _row_losses(logits_ptr, targets_ptr, losses_ptr, rows, rmask, V, stride,
+                           BLOCK_R, BLOCK_V)
     if WRITE_DLOGITS:
+        base = logits_ptr + rows.to(tl.int64)[:, None] * stride
+        obase = out_ptr + rows.to(tl.int64)[:, None] * out_stride
         for v0 in range(0, Vp, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            real = (cols < V)[None, :]
             mask = rmask[:, None] & (cols < Vp)[None, :]
-            x = tl.load(base + cols[None, :], mask=mask & real, other=0.0).to(tl.float32)
-            p = tl.exp(x - lse[:, None])
-            d = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * dloss
-            d = tl.where(real, d, 0.0)
-            tl.store(base + cols[None, :], to_dtype(d, logits_ptr.dtype.element_ty), mask=mask)
+            x = tl.load(base + cols[None, :], mask=mask & (cols < V)[None, :],
+                        other=0.0).to(tl.float32)
+            d = _row_dlogits(x, cols, lse, tgt, V, dloss)
+            tl.store(obase + cols[None, :], to_dtype(d, out_ptr.dtype.element_ty), mask=mask)
 
 
 def fused_classifier(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, V: int,
                      dloss: float | None, programs: int | None = None,
-                     block_rows: int | None = None) -> torch.Tensor:
+                     block_rows: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits (N, Vp) with unit column stride; targets (N,) int; losses (N,) fp32 written.
     With dloss (the gradient of the reduced loss per row, 1/N for the mean), the logits are
-    overwritten with dlogits; with None they are only read. programs / block_rows override
-    the launch (tests use them to walk the row loop)."""
+    overwritten with dlogits, or `out` (N, Vp) is written with them in its own dtype (the
+    FP8 head: e5m2, dloss = 2^15); with None they are only read. programs / block_rows
+    override the launch (tests use them to walk the row loop)."""
     N, Vp = logits.shape
-    if logits.stride(1) != 1 or V > Vp:
-        raise ValueError(f"fused_classifier: logits {tuple(logits.shape)} need unit column "
-                         f"stride and V={V} <= Vp")
+    out = logits if out is None else out
+    if logits.stride(1) != 1 or V > Vp or out.shape != (N, Vp) or out.stride(1) != 1:
+        raise ValueError(f"fused_classifier: logits {tuple(logits.shape)} (and out) need "
+                         f"unit column stride and V={V} <= Vp")
     if targets.numel() != N or losses.numel() != N or losses.dtype != torch.float32:
         raise ValueError(f"fused_classifier: targets and losses must have {N} entries "
                          f"(losses fp32)")
@@ -96,7 +119,9 @@ def fused_classifier(logits: torch.Tensor, targets: torch.Tensor, losses: torch.
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count
         programs = min(triton.cdiv(N, BLOCK_R), GPU["PER_SM"] * sms)
     _classifier_kernel[(programs,)](
-        logits, targets, losses, N, V, Vp, logits.stride(0), dloss if write else 0.0,
+        logits, targets, losses, out, N, V, Vp, logits.stride(0), out.stride(0),
+        dloss if write else 0.0,
         programs * BLOCK_R, WRITE_DLOGITS=write, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V,
         num_warps=num_warps)
     return losses
+

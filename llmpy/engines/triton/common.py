@@ -25,6 +25,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# for kernels: on the GPU, FP8 values written out by the bit trick of to_dtype and stored
+# twice (a tile and its transpose) came out wrong on an H200 (triton 3.6), so the trick
+# is kept to the interpreter, whose own FP8 conversion needs it
+INTERPRETED = tl.constexpr(interpreting())
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
     for t in tensors:
@@ -48,11 +54,23 @@ def row_tile(C: int, gpu_rows: int = 1) -> tuple[int, int, int]:
 
 @triton.jit
 def to_dtype(x, dtype: tl.constexpr):
-    """fp32 x -> dtype, rounding to nearest even. Written out for bf16 because Triton's CPU
-    interpreter truncates in its own conversion (the GPU rounds to nearest even)."""
+    """fp32 x -> dtype, rounding to nearest even. Written out for bf16, and for the two FP8
+    types under the interpreter, because Triton's CPU interpreter rounds otherwise in its
+    own conversions (the GPU rounds to nearest even); the value handed to the final cast is
+    then exact. FP8 callers keep x inside the type's finite range; in FP8's subnormal range
+    the interpreter's cast rounds once more."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-    else:
+    elif dtype == tl.float8e5 and INTERPRETED:  # e5m2: 2 mantissa bits kept (the
+        # interpreter's FP8 conversion loses the carry when rounding up crosses a power of 2)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0xFFFFF + ((bits >> 21) & 1)) & 0xFFE00000
+        return bits.to(tl.float32, bitcast=True).to(tl.float8e5)
+    elif dtype == tl.float8e4nv and INTERPRETED:  # e4m3fn: 3 mantissa bits kept
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+        return bits.to(tl.float32, bitcast=True).to(tl.float8e4nv)
+    else:  # the GPU's FP8 conversions round to nearest even themselves
         return x.to(dtype)

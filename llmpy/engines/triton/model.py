@@ -10,6 +10,8 @@ Who does what:
 - matmuls: cuBLAS through torch (addmm with the bias fused as cuBLASLt's epilogue; the
   weight gradients accumulate in place with addmm_); with -ge, the fc matmul's GELU and
   the fcproj input gradient's GELU' in cuBLASLt epilogues called by cublaslt.py;
+- with -f8 1, the lm head's three matmuls in FP8 (torch._scaled_mm) by fp8.py, in chunks
+  of rows, its backward done inside the forward;
 - attention: torch's cuDNN or FlashAttention-2 kernels, forward and backward called
   explicitly (attention.py);
 - everything else: Triton kernels in this package (encoder, layernorm fused with the residual
@@ -40,6 +42,7 @@ from ...errors import LlmpyError
 from ...init import init_params
 from . import attention as att
 from . import cublaslt
+from . import fp8
 from .adamw import adamw_update
 from .classifier import fused_classifier
 from ..torch_common import KVCache, resolve_device
@@ -67,7 +70,7 @@ class Activations:
     writes into residual3's (read by layer 0 before that layer overwrites it)."""
 
     def __init__(self, config: ModelConfig, B: int, T: int, recompute: int, device,
-                 training: bool = True):
+                 training: bool = True, fp8_head: bool = False):
         L, C, Vp = config.num_layers, config.channels, config.padded_vocab_size
         N = B * T
         self.B, self.T, self.N = B, T, N
@@ -109,7 +112,9 @@ class Activations:
         self.ln2_mean, self.ln2_rstd = per_layer(L, N, dtype=f32), per_layer(L, N, dtype=f32)
         self.lnf = buf(N, C)                                 # (N, C)
         self.lnf_mean, self.lnf_rstd = buf(N, dtype=f32), buf(N, dtype=f32)
-        self.logits = buf(N, Vp)                             # (N, Vp), becomes dlogits
+        # (N, Vp), becomes dlogits; the FP8 head has chunk buffers instead (fp8.py)
+        self.head = fp8.Fp8Head(N, C, Vp, buf) if fp8_head else None
+        self.logits = None if fp8_head else buf(N, Vp)
         self.losses = buf(N + 1, dtype=f32)                  # (N,) and the sum
         # backward scratch (proj too)
         self.dresidual = buf(N, C)                           # (N, C)
@@ -145,7 +150,8 @@ class TritonEngine:
     epilogues (cublaslt.py): 0 none, 1 the forward (GELU_AUX_BIAS writes GELU's input and
     output), 2 the backward too (DGELU: fcproj's input gradient times GELU'; fcb's gradient
     from our column sums); -1 picks 2 where cuBLASLt is available and C is a multiple of 8,
-    else 0 (the CPU).
+    else 0 (the CPU). fp8_head: 1 runs the lm head's three matmuls in FP8 (fp8.py: e4m3
+    inputs, e5m2 gradients, the logits in chunks, so less memory), on sm89+ GPUs; 0 bf16.
     """
 
     name = "triton"
@@ -154,7 +160,7 @@ class TritonEngine:
 
     def __init__(self, config: ModelConfig, *, seed: int = 1337, device=None,
                  recompute: int = 1, master_weights: bool = True, attention: str = "auto",
-                 gelu_fusion: int = -1, verbose: bool = True):
+                 gelu_fusion: int = -1, fp8_head: int = 0, verbose: bool = True):
         if recompute not in (0, 1, 2):
             raise LlmpyError(f"triton engine: recompute (-r) must be 0, 1 or 2, got {recompute}")
         if gelu_fusion not in (-1, 0, 1, 2):
@@ -180,6 +186,16 @@ class TritonEngine:
                              f"{config.channels}; use -ge 0")
         fusable = fusable and cublaslt.shapes_ok(config.channels)
         self.gelu_fusion = (2 if fusable else 0) if gelu_fusion == -1 else int(gelu_fusion)
+        if fp8_head not in (0, 1):
+            raise LlmpyError(f"triton engine: fp8 head (-f8) must be 0 or 1, got {fp8_head}")
+        why = fp8.supported(self.device) if fp8_head else None
+        if why is not None:
+            raise LlmpyError(f"triton engine: -f8 1 (FP8 lm head) cannot run on {why}; use "
+                             f"-f8 0")
+        if fp8_head and config.channels % 16:
+            raise LlmpyError(f"triton engine: -f8 1 needs the channels C a multiple of 16 "
+                             f"(FP8 matmuls), got C = {config.channels}; use -f8 0")
+        self.fp8_head = int(fp8_head)
 
         n = config.num_params
         flat = torch.from_numpy(init_params(config, seed))
@@ -242,7 +258,8 @@ class TritonEngine:
             self.acts = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.acts = Activations(self.config, B, T, self.recompute, self.device)
+            self.acts = Activations(self.config, B, T, self.recompute, self.device,
+                                    fp8_head=bool(self.fp8_head))
             if self.verbose and not self._reported:
                 print(self.memory_report(B, T), flush=True)
                 self._reported = True
@@ -267,14 +284,15 @@ class TritonEngine:
             lines.append(f"  largest B at T={T} on this GPU ({cap / 2**30:.0f} GiB): "
                          f"{max(0, int(room // per_b))}")
         lines.append(f"  (recompute -r {self.recompute}, attention {self.attention.backend}, "
-                     f"gelu fusion -ge {self.gelu_fusion})")
+                     f"gelu fusion -ge {self.gelu_fusion}, fp8 head -f8 {self.fp8_head})")
         return "\n".join(lines)
 
     def activation_bytes(self, B: int, T: int) -> int:
         """Bytes of Activations(B, T) plus what torch's attention kernels allocate per layer
         (atty (B, T, C) bf16 and the logsumexp (B, NH, T) fp32)."""
         cfg = self.config
-        own = Activations(cfg, B, T, self.recompute, "meta").nbytes()
+        own = Activations(cfg, B, T, self.recompute, "meta",
+                          fp8_head=bool(self.fp8_head)).nbytes()
         return own + cfg.num_layers * B * T * (2 * cfg.channels + 4 * cfg.num_heads)
 
     # ------------------------------------------------------------------------------------
@@ -292,6 +310,9 @@ class TritonEngine:
             raise LlmpyError(f"triton engine: targets shape {y.shape} != inputs shape {x.shape}")
         cfg = self.config
         B, T = x.shape
+        if self.fp8_head and (B * T) % 16:
+            raise LlmpyError(f"triton engine: -f8 1 needs B*T a multiple of 16 (FP8 "
+                             f"matmuls), got {B}*{T} = {B * T}; change -b or -t, or use -f8 0")
         # host work first, while the GPU may still run the last backward: the plan of the
         # encoder backward, then one asynchronous copy of ids, targets and plan
         plan, counts = bucket_plan(x)
@@ -308,9 +329,12 @@ class TritonEngine:
         a.atty = [None] * L
         a.att_saved = [None] * L
         self._transformer(a, a.inputs)                                     # a.lnf (N, C)
-        torch.mm(a.lnf, p["wte"].t(), out=a.logits)                       # (N, Vp)
-        # losses, and dlogits in place for a mean loss (backward scales by grad_scale)
-        fused_classifier(a.logits, a.targets, a.losses[:N], cfg.vocab_size, 1.0 / N)
+        if a.head is not None:  # FP8: losses, and the head's gradients into proj and dw
+            a.head.forward(a.lnf, p["wte"], a.targets, a.losses[:N], a.proj, cfg.vocab_size)
+        else:
+            torch.mm(a.lnf, p["wte"].t(), out=a.logits)                   # (N, Vp)
+            # losses, and dlogits in place for a mean loss (backward scales by grad_scale)
+            fused_classifier(a.logits, a.targets, a.losses[:N], cfg.vocab_size, 1.0 / N)
         total_loss = total(a.losses[:N], a.losses[N:])
         self._pending = True
         return float(total_loss.item()) / N
@@ -393,9 +417,13 @@ class TritonEngine:
             else:
                 add_partials(part.view(P, 3 * C)[:, :2 * C], dw, db)
 
-        # lm head (tied wte): dlogits are in a.logits since the forward
-        torch.addmm(dbtc, a.logits, p["wte"], beta=0.0, alpha=gs, out=dbtc)  # (N, C)
-        g["wte"].addmm_(a.logits.t(), a.lnf, alpha=gs)                       # (Vp, C)
+        # lm head (tied wte): dlogits are in a.logits since the forward; the FP8 head
+        # computed its gradients there already (dlnf in proj = dbtc)
+        if a.head is not None:
+            a.head.backward(gs, dbtc, g["wte"])
+        else:
+            torch.addmm(dbtc, a.logits, p["wte"], beta=0.0, alpha=gs, out=dbtc)  # (N, C)
+            g["wte"].addmm_(a.logits.t(), a.lnf, alpha=gs)                       # (Vp, C)
         ln_backward(dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_mean, a.lnf_rstd, g["lnfw"],
                     g["lnfb"], g["fcprojb"][L - 1], accumulate=False)
         self._ready(["lnfw", "lnfb"])
@@ -606,5 +634,6 @@ class TritonEngine:
     def __repr__(self) -> str:
         return (f"TritonEngine({self.config.describe()}, device={self.device}, "
                 f"recompute={self.recompute}, attention={self.attention.backend}, "
-                f"gelu_fusion={self.gelu_fusion}, master_weights={self.master is not None})")
+                f"gelu_fusion={self.gelu_fusion}, fp8_head={self.fp8_head}, "
+                f"master_weights={self.master is not None})")
 

@@ -1,0 +1,196 @@
+"""The FP8 lm head (-f8 1): the tied classifier's three matmuls in FP8 through
+torch._scaled_mm (cuBLASLt), on GPUs with FP8 tensor cores (sm89+).
+
+The lm head's matmuls are the largest of GPT-2 small (at d12 about a third of a step's
+matmul time) and the one place where FP8 paid for its own quantization in
+bench/fp8_matmul.py. Inputs in e4m3 (3 mantissa bits) with one scale per tensor (amax / 448,
+computed on the GPU at every forward); gradients in e5m2 (2 mantissa bits, a wider range),
+as is usual for FP8 training. Products accumulate in fp32 inside cuBLASLt; outputs are bf16
+(logits, the input gradient) and fp32 (the weight gradient).
+
+Per forward with targets, for N rows of lnf (N, C) and the tied wte (Vp, C):
+
+    lnf -> e4m3 x8 (N, C) and xT8 (C, N); wte -> e4m3 w8 (Vp, C) and wT8 (C, Vp)
+    per chunk of HEAD_ROWS rows (r of them):
+        logits (r, Vp) bf16       = x8 @ w8^T                       e4m3 x e4m3
+        losses; d8 (r, Vp) e5m2   = (softmax - onehot) * 2^15        (classifier.py)
+        dT8[:, chunk] (Vp, r)     = d8 transposed, byte for byte
+        dlnf rows (r, C) bf16     = d8 @ wte * 2^-15 / N             e5m2 x e4m3
+    dwte (Vp, C) fp32             = dT8 @ lnf * 2^-15 / N (K = N)    e5m2 x e4m3
+
+and backward(grad_scale) only scales: dlnf *= grad_scale, wte.grad += grad_scale * dwte.
+The head's backward runs inside the forward because the chunks share one logits buffer:
+the (N, Vp) logits (6.6 GB at B=64) never exist whole, and the head needs about 2/3 of that
+(dT8 is N x Vp bytes). FP8 wants both operands of every matmul contiguous along the
+reduced axis, hence the transposed copies. 2^15 keeps |softmax - onehot| <= 1 inside
+e5m2's range (max 57344) with probabilities down to ~1e-9 still normal numbers.
+
+Dimension legend: N rows (B*T), C channels, V vocabulary, Vp padded vocabulary, R chunk rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .classifier import fused_classifier
+from .common import check_device, interpreting, pow2, to_dtype
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3_MAX = 448.0
+D_SCALE = 2.0 ** 15      # (softmax - onehot) in [-1, 1], stored times this in e5m2
+HEAD_ROWS = 8192         # rows of logits per chunk
+AMAX_PROGRAMS = 512      # partial maxima of the amax pass
+# GPU tile of the byte transpose
+TRANSPOSE = dict(BLOCK_R=128, BLOCK_C=128, num_warps=8)  # H200: 0.234 ms for 8192 x 50304
+
+
+@triton.jit
+def _amax_kernel(x_ptr, part_ptr, n, step, BLOCK: tl.constexpr):
+    # grid-stride max |x| -> one partial per program
+    m = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(tl.program_id(0) * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        m = tl.maximum(m, tl.abs(x))
+    tl.store(part_ptr + tl.program_id(0), tl.max(m, axis=0))
+
+
+@triton.jit
+def _cast_kernel(x_ptr, part_ptr, P, out_ptr, outT_ptr, scale_ptr, M, K,
+                 TRANSPOSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # every program reduces the partials itself (P is small), so no second launch
+    amax = tl.max(tl.load(part_ptr + tl.arange(0, BLOCK_P), mask=tl.arange(0, BLOCK_P) < P,
+                          other=0.0), axis=0)
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)    # dequantization scale
+    pm, pk = tl.program_id(0), tl.program_id(1)
+    tl.store(scale_ptr, scale, mask=(pm == 0) & (pk == 0))
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    q = to_dtype(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0),
+                 out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], q, mask=mask)
+    if TRANSPOSE:
+        tl.store(outT_ptr + cols.to(tl.int64)[None, :] * M + rows[:, None], q, mask=mask)
+
+
+@triton.jit
+def _transpose_kernel(src_ptr, dst_ptr, R, C, ld, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one tile of bytes: src (R, C) row-major -> dst (C, R) with row stride ld
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    x = tl.load(src_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask)
+    tl.store(dst_ptr + cols.to(tl.int64)[None, :] * ld + rows[:, None], x, mask=mask)
+
+
+def transpose_bytes(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst = src.t() for 1-byte tensors (FP8 moved as uint8): src (R, C) contiguous, dst
+    (C, R) with unit column stride, e.g. a column slice of a wider buffer.
+
+    Its own kernel because storing one FP8 tile twice from the classifier, row-major and
+    transposed, wrote wrong bytes on an H200 (triton 3.6), while either store alone was
+    right."""
+    R, C = src.shape
+    if not src.is_contiguous() or dst.shape != (C, R) or dst.stride(1) != 1 or \
+            src.element_size() != 1 or dst.element_size() != 1:
+        raise ValueError(f"transpose_bytes: src {tuple(src.shape)} contiguous, dst (C, R) "
+                         f"with unit column stride, 1-byte elements")
+    check_device(src, dst)
+    if interpreting():
+        BR, BC, nw = pow2(min(R, 64)), pow2(min(C, 256)), 1
+    else:
+        BR, BC, nw = TRANSPOSE["BLOCK_R"], TRANSPOSE["BLOCK_C"], TRANSPOSE["num_warps"]
+    _transpose_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC))](
+        src.view(torch.uint8), dst.view(torch.uint8), R, C, dst.stride(0), BLOCK_R=BR,
+        BLOCK_C=BC, num_warps=nw)
+    return dst
+
+
+def quantize_e4m3(x: torch.Tensor, out: torch.Tensor, out_t: torch.Tensor | None,
+                  scale: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    """x (M, K) contiguous -> out (M, K) e4m3 = x / scale rounded to nearest even, out_t
+    (K, M) its transpose (or None), scale (1,) fp32 = max |x| / 448 (1 for an all-zero x),
+    so that out * scale ~ x. partial: fp32 scratch of >= AMAX_PROGRAMS entries."""
+    M, K = x.shape
+    if not x.is_contiguous() or out.shape != (M, K) or out.dtype != E4M3 or \
+            (out_t is not None and (out_t.shape != (K, M) or out_t.dtype != E4M3)):
+        raise ValueError(f"quantize_e4m3: x {tuple(x.shape)} contiguous, out (M, K) and "
+                         f"out_t (K, M) e4m3")
+    check_device(x, out, scale, partial)
+    n = x.numel()
+    if interpreting():
+        BLOCK, P, BM, BK = pow2(min(n, 4096)), 1, pow2(min(M, 64)), pow2(min(K, 64))
+    else:
+        BLOCK, P, BM, BK = 2048, min(AMAX_PROGRAMS, triton.cdiv(n, 2048)), 64, 64
+    _amax_kernel[(P,)](x, partial, n, P * BLOCK, BLOCK=BLOCK)
+    _cast_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
+        x, partial, P, out, out if out_t is None else out_t, scale, M, K,
+        TRANSPOSE=out_t is not None, BLOCK_P=pow2(P), BLOCK_M=BM, BLOCK_K=BK)
+    return scale
+
+
+def supported(device: torch.device) -> str | None:
+    """None if the FP8 head can run on `device`, else why not (for a one-line refusal)."""
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm"
+    if device.type == "cpu":
+        return None if interpreting() else "the CPU (tests only, under TRITON_INTERPRET=1)"
+    if device.type != "cuda":
+        return f"a {device.type} device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} (sm{major}{minor}; FP8 needs sm89+)"
+    return None
+
+
+class Fp8Head:
+    """The FP8 lm head's buffers for N rows (one (B, T)), and its forward and backward.
+    `buf(*shape, dtype=...)` allocates (Activations' allocator, for the memory report)."""
+
+    def __init__(self, N: int, C: int, Vp: int, buf):
+        R = min(N, HEAD_ROWS)
+        bf, f32 = torch.bfloat16, torch.float32
+        self.N, self.R = N, R
+        self.logits = buf(R, Vp, dtype=bf)                   # (R, Vp) one chunk's logits
+        self.d8 = buf(R, Vp, dtype=E5M2)                     # (R, Vp) its scaled dlogits
+        self.dT8 = buf(Vp, N, dtype=E5M2)                    # (Vp, N) all of them, transposed
+        self.x8, self.xT8 = buf(N, C, dtype=E4M3), buf(C, N, dtype=E4M3)
+        self.w8, self.wT8 = buf(Vp, C, dtype=E4M3), buf(C, Vp, dtype=E4M3)
+        self.dw = buf(Vp, C, dtype=f32)                      # (Vp, C) wte's head gradient
+        # lnf, wte, dlogits (2^-15 / N): 64 bytes apart, as cuBLASLt wants scale pointers
+        # aligned (4 bytes apart it answers CUBLAS_STATUS_NOT_SUPPORTED)
+        self.scales = buf(3, 16, dtype=f32)[:, :1]
+        self.scales[2].fill_(1.0 / (N * D_SCALE))
+        self.partial = buf(AMAX_PROGRAMS, dtype=f32)
+
+    def forward(self, lnf: torch.Tensor, wte: torch.Tensor, targets: torch.Tensor,
+                losses: torch.Tensor, dlnf: torch.Tensor, V: int) -> None:
+        """losses (N,) of the mean loss; dlnf (N, C) bf16 and self.dw get the gradient of
+        the mean loss (unscaled by backward's grad_scale)."""
+        N, R = self.N, self.R
+        sx, sw, sd = self.scales[0], self.scales[1], self.scales[2]            # (1,) each
+        quantize_e4m3(lnf, self.x8, self.xT8, sx, self.partial)
+        quantize_e4m3(wte, self.w8, self.wT8, sw, self.partial)
+        for s in range(0, N, R):
+            e = min(N, s + R)
+            logits, d8 = self.logits[:e - s], self.d8[:e - s]
+            torch._scaled_mm(self.x8[s:e], self.w8.t(), sx, sw, out_dtype=torch.bfloat16,
+                             out=logits)                                # (r, Vp)
+            fused_classifier(logits, targets[s:e], losses[s:e], V, D_SCALE, out=d8)
+            transpose_bytes(d8, self.dT8[:, s:e])
+            torch._scaled_mm(d8, self.wT8.t(), sd, sw, out_dtype=torch.bfloat16,
+                             out=dlnf[s:e])                             # (r, C)
+        torch._scaled_mm(self.dT8, self.xT8.t(), sd, sx, out_dtype=torch.float32,
+                         out=self.dw)                                   # (Vp, C)
+
+    def backward(self, grad_scale: float, dlnf: torch.Tensor, gwte: torch.Tensor) -> None:
+        """dlnf *= grad_scale; gwte += grad_scale * the head's wte gradient."""
+        if grad_scale != 1.0:
+            dlnf.mul_(grad_scale)
+        gwte.add_(self.dw, alpha=grad_scale)
