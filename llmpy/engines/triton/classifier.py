@@ -104,7 +104,7 @@ def fused_classifier(logits: torch.Tensor, targets: torch.Tensor, losses: torch.
     if targets.numel() != N or losses.numel() != N or losses.dtype != torch.float32:
         raise ValueError(f"fused_classifier: targets and losses must have {N} entries "
                          f"(losses fp32)")
-    check_device(logits, targets, losses)
+    check_device(logits, targets, losses, out)
     if interpreting():
         BLOCK_R, BLOCK_V, num_warps = pow2(min(N, 64)), pow2(min(Vp, 2048)), 1
     else:
