@@ -148,13 +148,27 @@ def main(argv=None) -> int:
     losses = torch.empty(Nc, device=dev)
     lref = torch.nn.functional.cross_entropy(logits[:, :V].float(), tg, reduction="none")
     lg = logits.clone()
-    sweep("classifier", classifier.GPU, None,
-          [dict(BLOCK_V=bv, num_warps=wp, PER_SM=ps)
-           for bv, wp, ps in ((4096, 8, 0), (2048, 4, 0), (8192, 8, 2), (8192, 8, 4),
-                              (4096, 8, 3), (4096, 8, 6), (8192, 16, 2), (4096, 4, 6))],
+    configs = [dict(BLOCK_V=bv, num_warps=wp, PER_SM=ps, GROUP=g)
+               for bv, wp, ps, g in ((4096, 8, 0, 8), (4096, 8, 0, 4096), (2048, 8, 0, 16),
+                                     (2048, 4, 0, 8), (4096, 16, 0, 8), (1024, 4, 0, 8),
+                                     (8192, 16, 0, 8), (2048, 8, 4, 8))]
+    dref = torch.softmax(logits[:, :V].float(), dim=-1)
+    dref[torch.arange(Nc, device=dev), tg] -= 1.0
+
+    def classifier_check(out, scale):
+        lg.copy_(logits)
+        classifier.fused_classifier(lg, tg, losses, V, scale, out=out)
+        d = (lg if out is None else out)[:, :V].float() / scale
+        pad = (lg if out is None else out)[:, V:].float().abs().max().item()
+        return max(rel(losses, lref), rel(d, dref), pad)
+    sweep("classifier", classifier.GPU, None, configs,
           lambda: classifier.fused_classifier(lg, tg, losses, V, 1.0 / Nc),
-          lambda: (lg.copy_(logits), classifier.fused_classifier(lg, tg, losses, V, None),
-                   rel(losses, lref))[2], 2 * Nc * Vp * 2)
+          lambda: classifier_check(None, 1.0 / Nc), 2 * Nc * Vp * 2)
+    # the FP8 head's call (-f8 1): logits read, (softmax - onehot) * 2^15 written in e5m2
+    d8 = torch.empty(Nc, Vp, device=dev, dtype=torch.float8_e5m2)
+    sweep("classifier_e5m2", classifier.GPU, None, configs,
+          lambda: classifier.fused_classifier(lg, tg, losses, V, 2.0 ** 15, out=d8),
+          lambda: classifier_check(d8, 2.0 ** 15), Nc * Vp * 3)
 
     # the fc matmul's GELU in cuBLASLt's epilogues (-ge) against matmul + our kernels; the
     # bandwidth column counts the matmul's inputs and outputs only
