@@ -159,6 +159,7 @@ def run_op(op, dims, device, args, cuda, device_name):
             ratio = max(_over(e, tol[k]) for k, e in errs.items())
             row.update(status="ok" if ratio <= 1.0 else "FAIL", err_over_tol=ratio,
                        errors=";".join(f"{k}={e:.1e}" for k, e in errs.items()))
+            _poison(out, inp)
             del out
             if cuda:
                 inp2 = op.make(dims, device, args.seed) if op.inplace else inputs
@@ -192,6 +193,20 @@ def run_op(op, dims, device, args, cuda, device_name):
     for r in rows:  # printed once the unit is timed, so that %unit is known
         print(fmt_row(r) + (f"\n    {r['errors']}" if r["status"] != "ok" else ""), flush=True)
     return rows
+
+
+def _poison(out, inputs):
+    """Fill a version's checked outputs with 0xFF bytes (NaN in every float type) before
+    they are freed: the next torch.empty of the same size gets the same memory back (the
+    CUDA caching allocator's freed block; on the CPU, malloc's), and a version that fails
+    to write part of its output would find the previous version's right answer there.
+    Outputs that share memory with the inputs are left alone."""
+    import torch
+    held = {t.untyped_storage().data_ptr() for t in inputs.values()
+            if isinstance(t, torch.Tensor)}
+    for t in out.values():
+        if t.untyped_storage().data_ptr() not in held and t.is_contiguous():
+            t.reshape(-1).view(torch.uint8).fill_(0xFF)
 
 
 def _over(err, tol):
