@@ -36,7 +36,7 @@ import time
 OPS = ("encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
        "residual_layernorm_forward", "gelu_forward", "gelu_backward", "softmax_forward",
        "attention_forward", "fused_classifier", "adamw", "global_norm", "matmul_forward",
-       "quantize_e4m3")
+       "quantize_e4m3", "transpose_bytes")
 
 HBM_COPY = 4.27e12      # B/s, H200 device-to-device copy measured (KINDS.md), read + write
 HBM_NOMINAL = 4.8e12    # B/s, H200 datasheet
