@@ -25,7 +25,8 @@ if importlib.util.find_spec("triton") is None:
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
        "residual_layernorm_forward", "gelu_forward", "gelu_backward", "softmax_forward",
-       "attention_forward", "fused_classifier", "adamw", "global_norm", "matmul_forward")
+       "attention_forward", "fused_classifier", "adamw", "global_norm", "matmul_forward",
+       "quantize_e4m3", "transpose_bytes")
 # ops whose layer the NumPy engine has: their torch reference is checked against it
 NUMPY_LAYERS = {"encoder_forward", "encoder_backward", "layernorm_forward",
                 "layernorm_backward", "residual_layernorm_forward", "gelu_forward",
