@@ -40,11 +40,13 @@ class Version:
     kind: "triton" (written in this library), "production" (the triton engine's kernel,
     imported) or "unit" (torch/cuBLAS: what the others are measured against). tol: this
     version's own tolerances where its outputs are coarser than the op's (torch returning
-    bf16 where the kernels return fp32), merged over Op.tol."""
+    bf16 where the kernels return fp32), merged over Op.tol. decode: turns the outputs into
+    the op's values before the check (an FP8 output and its scale), outside the timing."""
     name: str
     fn: Callable[..., Outputs]
     kind: str = "triton"
     tol: dict[str, float] = field(default_factory=dict)
+    decode: Callable[[Outputs], Outputs] | None = None
 
     @property
     def summary(self) -> str:

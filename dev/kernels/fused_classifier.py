@@ -31,11 +31,12 @@ import triton.language as tl
 
 from llmpy.engines.triton import classifier as engine
 
-from .common import (Op, generator, interpreting, np_rel, pow2, randn, to_dtype, tokens,
+from .common import (Op, Version, generator, interpreting, np_rel, pow2, randn, to_dtype, tokens,
                      versions_of)
 
 BLOCK_V = 4096  # columns per loop step
 WHOLE_ROW_WARPS = 32
+E5M2_SCALE = 2.0 ** 15   # the FP8 head's dlogits scale (fp8.D_SCALE)
 
 
 @triton.jit
@@ -221,6 +222,25 @@ def version4(logits, targets, V):
     return dict(losses=losses, dlogits=logits)
 
 
+def production_e5m2(logits, targets, V):
+    """production into e5m2 (-f8 1): the same kernel writing (softmax - onehot) * 2^15 to an FP8 buffer
+
+    The FP8 lm head (llmpy/engines/triton/fp8.py) keeps its logits and takes the gradient
+    in e5m2 (2 mantissa bits) for its two FP8 gradient matmuls: a write of N x Vp bytes
+    instead of 2 N x Vp. Scaled by 2^15 so that probabilities down to ~1e-9 stay normal
+    numbers; 1/N and 2^-15 are folded into the matmuls' scales, and here into the check."""
+    N, Vp = logits.shape
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    d8 = torch.empty(N, Vp, dtype=torch.float8_e5m2, device=logits.device)
+    engine.fused_classifier(logits, targets, losses, V, E5M2_SCALE, out=d8)
+    return dict(losses=losses, dlogits=d8)
+
+
+def decode_e5m2(out):
+    d8 = out["dlogits"]
+    return dict(out, dlogits=d8.float() / (E5M2_SCALE * d8.shape[0]))
+
+
 def unit(logits, targets, V):
     """torch: cross_entropy on the fp32 logits with autograd, grad copied back (the unit)"""
     N, Vp = logits.shape
@@ -271,7 +291,10 @@ def cost(dims, inputs):
 
 OP = Op(
     name="fused_classifier", make=make, reference=reference,
-    versions=versions_of(globals(), production, unit),
+    versions=versions_of(globals(), production, unit)[:-1]
+    # e5m2 rounds each value to 2 mantissa bits: at most 1/8 of it, of max |ref| at most
+    + (Version("5-e5m2", production_e5m2, "production", dict(dlogits=0.125), decode_e5m2),)
+    + versions_of(globals(), None, unit)[-1:],
     # losses: fp32 log-sum-exp over V terms (summation order); dlogits: bf16, rounded once
     tol=dict(losses=1e-5, dlogits=1e-2),
     cost=cost, inplace=True, numpy_check=numpy_check, llmc="dev/cuda/classifier_fused.cu")
