@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ def run(out: Path, args, fp8: int) -> tuple[list[float], list[tuple[int, float]]
            "-o", str(out), "-f8", str(fp8), "--seed", "1337"]
     if args.train:
         cmd += ["-i", args.train, "-j", args.val]
+    t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode:
@@ -37,6 +39,7 @@ def run(out: Path, args, fp8: int) -> tuple[list[float], list[tuple[int, float]]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [(row["train_loss"], row["norm"]) for row in rows if "train_loss" in row]
     val = [(row["step"], row["val_loss"]) for row in rows if "val_loss" in row]
+    print(f"-f8 {fp8}: {len(train)} steps in {time.time() - t0:.0f} s", flush=True)
     return train, val
 
 

@@ -145,8 +145,10 @@ def run_op(op, dims, device, args, cuda, device_name):
     metric, amount = op.cost(dims, inputs)
 
     def fresh():
-        # in-place versions get copies of the inputs the reference saw (re-making them from
-        # the seed gave other targets on an H200: torch.multinomial on CUDA, torch 2.11)
+        # in-place versions get copies of the inputs the reference saw: re-made from the
+        # seed on an H200 (torch 2.11) they held other tokens (tokens() draws with
+        # multinomial and randperm on the CUDA generator), and every classifier version,
+        # torch's too, failed its check by the same amount
         if not op.inplace:
             return inputs
         return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -68,7 +68,9 @@ def _cast_kernel(x_ptr, part_ptr, P, out_ptr, outT_ptr, scale_ptr, M, K,
     # every program reduces the partials itself (P is small), so no second launch
     amax = tl.max(tl.load(part_ptr + tl.arange(0, BLOCK_P), mask=tl.arange(0, BLOCK_P) < P,
                           other=0.0), axis=0)
-    scale = tl.where(amax > 0, amax / 448.0, 1.0)    # dequantization scale
+    # dequantization scale, correctly rounded (the GPU's plain fp32 `/` is not: 21 / 448
+    # came out one ulp above 3/64 on an H200, and x / scale then fell below its ties)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
     pm, pk = tl.program_id(0), tl.program_id(1)
     tl.store(scale_ptr, scale, mask=(pm == 0) & (pk == 0))
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
