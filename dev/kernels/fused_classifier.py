@@ -83,6 +83,19 @@ def _dlogits_kernel(probs_ptr, targets_ptr, logits_ptr, V, Vp, dloss, BLOCK: tl.
 
 
 @triton.jit
+def _loss_and_write(base, target_ptr, loss_ptr, lse, V, Vp, dloss, BLOCK: tl.constexpr):
+    # a row's loss from its lse, then its logits overwritten with dlogits in a last pass
+    tgt = tl.load(target_ptr).to(tl.int64)
+    tl.store(loss_ptr, lse - tl.load(base + tgt).to(tl.float32))
+    for v0 in range(0, Vp, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        d = (tl.exp(x - lse) - tl.where(cols == tgt, 1.0, 0.0)) * dloss
+        tl.store(base + cols, to_dtype(tl.where(cols < V, d, 0.0), base.dtype.element_ty),
+                 mask=cols < Vp)
+
+
+@triton.jit
 def _three_pass_kernel(logits_ptr, targets_ptr, losses_ptr, V, Vp, dloss, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     base = logits_ptr + r * Vp
@@ -96,14 +109,7 @@ def _three_pass_kernel(logits_ptr, targets_ptr, losses_ptr, V, Vp, dloss, BLOCK:
         cols = v0 + tl.arange(0, BLOCK)
         s += tl.exp(tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) - mx)
     lse = mx + tl.log(tl.sum(s, axis=0))
-    tgt = tl.load(targets_ptr + r).to(tl.int64)
-    tl.store(losses_ptr + r, lse - tl.load(base + tgt).to(tl.float32))
-    for v0 in range(0, Vp, BLOCK):
-        cols = v0 + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-        d = (tl.exp(x - lse) - tl.where(cols == tgt, 1.0, 0.0)) * dloss
-        tl.store(base + cols, to_dtype(tl.where(cols < V, d, 0.0), logits_ptr.dtype.element_ty),
-                 mask=cols < Vp)
+    _loss_and_write(base, targets_ptr + r, losses_ptr + r, lse, V, Vp, dloss, BLOCK)
 
 
 def version1(logits, targets, V):
@@ -137,14 +143,7 @@ def _online_kernel(logits_ptr, targets_ptr, losses_ptr, V, Vp, dloss, BLOCK: tl.
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = tl.max(m + tl.log(s), axis=0)
-    tgt = tl.load(targets_ptr + r).to(tl.int64)
-    tl.store(losses_ptr + r, lse - tl.load(base + tgt).to(tl.float32))
-    for v0 in range(0, Vp, BLOCK):
-        cols = v0 + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-        d = (tl.exp(x - lse) - tl.where(cols == tgt, 1.0, 0.0)) * dloss
-        tl.store(base + cols, to_dtype(tl.where(cols < V, d, 0.0), logits_ptr.dtype.element_ty),
-                 mask=cols < Vp)
+    _loss_and_write(base, targets_ptr + r, losses_ptr + r, lse, V, Vp, dloss, BLOCK)
 
 
 def version2(logits, targets, V):
