@@ -163,11 +163,19 @@ def test_encoder_forward_and_deterministic_backward():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("write,programs", [(False, None), (True, None), (True, 2)])
-def test_fused_classifier(write, programs):
-    """programs=2 with 4-row blocks: each program walks several blocks of rows."""
-    V, Vp = 1000, 1029  # Vp - V and V are not multiples of the block
+@pytest.mark.parametrize("write,programs,V,Vp", [(False, None, 1000, 1029),
+                                                (True, None, 1000, 1029),
+                                                (True, 2, 1000, 1029),
+                                                (True, None, 4500, 4611),
+                                                (True, 2, 4500, 4611)])
+def test_fused_classifier(write, programs, V, Vp):
+    """programs=2 with 4-row blocks: each program walks several blocks of rows. V=4500 is
+    three tiles of columns (2048 a step here and on the GPU), walked backwards by the first
+    pass: rows 0 and 1 put a large logit in the first and the last tile, so the running
+    maxima must be rescaled and merged across tiles."""
+    # Vp - V and V are not multiples of the block
     logits = rand(N, Vp, seed=18, scale=3.0)
+    logits[0, 5], logits[1, V - 3] = 25.0, 25.0
     logits[:, V:] = 7.0  # padded columns must be ignored
     targets = torch.from_numpy(np.random.default_rng(1).integers(0, V, N)).to(DEV)
     ref_l = logits[:, :V].double().requires_grad_(True)

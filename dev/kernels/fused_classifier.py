@@ -19,6 +19,8 @@ best.
     version 5  production: the two passes of version 3 arranged for L2 (rows from the last, the
                first pass backwards, the last read and the write streamed) and a max per
                thread's vector instead of one per tile
+    version 6  production into e5m2 (-f8 1): version 5 writing (softmax - onehot) * 2^15
+               to an FP8 buffer, the logits left alone
 
 Dimension legend: N rows (B*T), V vocabulary, Vp padded vocabulary (the row stride).
 """
@@ -179,8 +181,8 @@ def production(logits, targets, V):
     The same two passes, but (as llm.c's fused_classifier_kernel5) rows go from the last,
     which the logits matmul wrote last and L2 may still hold; the first pass walks the row
     backwards, keeping its reads in L2, so that the second pass, starting at the row's
-    start, finds them there; the second pass's reads and its writes are streamed (evict
-    first). The running max and sum are kept per group of 8 adjacent columns (a thread's
+    start, finds them there; the writes are streamed (llm.c's too) and so are the second
+    pass's reads (evict first; llm.c's are plain). The running max and sum are kept per group of 8 adjacent columns (a thread's
     16-byte vector) and merged once per row, so the loop has no reduction across threads.
     Launch: the engine's GPU dict."""
     N, Vp = logits.shape

@@ -146,9 +146,10 @@ def run_op(op, dims, device, args, cuda, device_name):
 
     def fresh():
         # in-place versions get copies of the inputs the reference saw: re-made from the
-        # seed on an H200 (torch 2.11) they held other tokens (tokens() draws with
-        # multinomial and randperm on the CUDA generator), and every classifier version,
-        # torch's too, failed its check by the same amount
+        # seed on an H200 (torch 2.11) they came out different (every classifier version,
+        # torch's too, failed its check by the same amount, as if the targets differed;
+        # tokens() draws with multinomial and randperm on the CUDA generator; not pinned
+        # down further)
         if not op.inplace:
             return inputs
         return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -7,9 +7,10 @@ overwrites the row with dlogits = (softmax - onehot(target)) * dloss, and with z
 padded columns V..Vp, so the (N, Vp) logits buffer becomes its own gradient and no second
 buffer of that size (the largest activation) exists.
 
-Arranged for L2 as llm.c's fused_classifier_kernel5: rows go from the last (the logits
+Arranged for L2: as in llm.c's fused_classifier_kernel5, rows go from the last (the logits
 matmul wrote those last), the first pass walks a row backwards so that the second pass
-starts on what was read most recently, and the second pass streams its reads and writes.
+starts on what was read most recently, and the writes are streamed; here the second
+pass's reads are streamed too (evict_first).
 
 The FP8 lm head (fp8.py, -f8 1) passes `out`: the logits are left alone and
 (softmax - onehot) * 2^15 goes to an e5m2 buffer.
@@ -31,8 +32,8 @@ from .common import check_device, interpreting, pow2, to_dtype
 # of its tile (a thread's own 16-byte vector at 8), merged once per row at the end;
 # GROUP = BLOCK_V is one max per tile, a reduction across the program at every step.
 # H200, 8192 rows of d12 logits, ms in place (bf16) / into e5m2 (-f8 1): BLOCK_V=2048
-# with 8 warps 0.734 / 0.629; 4096, 8 warps 0.730 / 0.687; GROUP=4096 0.810 / 0.779;
-# PER_SM=4 0.857 / 0.740; a whole row in registers (dev/kernels version 4) 4.9+ ms.
+# with 8 warps 0.734 / 0.629; 4096, 8 warps 0.729 / 0.686; GROUP=4096 0.810 / 0.780;
+# PER_SM=4 0.857 / 0.740; a whole row in registers 1.4-10.6 ms (it spills; PERF.md run 7).
 # Which program takes a row changes no result bit.
 GPU = dict(BLOCK_V=2048, num_warps=8, PER_SM=0, GROUP=8)
 
