@@ -25,7 +25,8 @@ from llmpy.engines.triton import gelu as engine
 from llmpy.engines.triton import reduce as engine_reduce
 
 from .common import Op, generator, np_rel, randn, to_dtype, versions_of
-from .gelu_forward import _tanh
+
+_gelu_grad = engine.gelu_grad  # gelu'(x), the engine's jit helper
 
 
 @triton.jit
@@ -34,11 +35,8 @@ def _gelu_backward_kernel(dout_ptr, x_ptr, n, BLOCK: tl.constexpr):
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    x2 = x * x
-    th = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
-    dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
-    grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx
-    tl.store(dout_ptr + offs, to_dtype(d * grad, dout_ptr.dtype.element_ty), mask=m)
+    tl.store(dout_ptr + offs, to_dtype(d * _gelu_grad(x), dout_ptr.dtype.element_ty),
+             mask=m)
 
 
 def _launch(dout, x, block, warps):

@@ -40,6 +40,15 @@ def _tanh(u):
 
 
 @triton.jit
+def gelu_grad(x):
+    """gelu'(x) on fp32 x (the formula above; dev/kernels/gelu_backward.py uses it too)."""
+    x2 = x * x
+    th = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+    dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx
+
+
+@triton.jit
 def _gelu_forward_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -64,11 +73,7 @@ def _gelu_backward_kernel(dout_ptr, x_ptr, partial_ptr, N, OC, ROWS_PER_PROG,
         if APPLY_GELU:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             d = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x2 = x * x
-            th = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
-            dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
-            grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx
-            dx = to_dtype(d * grad, dout_ptr.dtype.element_ty)
+            dx = to_dtype(d * gelu_grad(x), dout_ptr.dtype.element_ty)
             tl.store(dout_ptr + offs, dx, mask=mask)
         else:  # column sums of dout only (its GELU' came from cuBLASLt's DGELU epilogue)
             dx = tl.load(dout_ptr + offs, mask=mask, other=0.0)
