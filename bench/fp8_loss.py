@@ -1,8 +1,8 @@
-"""Does the FP8 lm head (-f8 1) train like bf16? Two `llmpy train` runs as a user types
-them, from one init on the same data, -f8 0 and -f8 1; then the train losses step by step
-and the val losses side by side.
+"""Does FP8 (-f8 1: the lm head; -f8 2: the head and the MLP) train like bf16? Two
+`llmpy train` runs as a user types them, from one init on the same data, -f8 0 and -f8
+--fp8; then the train losses step by step and the val losses side by side.
 
-    python bench/fp8_loss.py --model d12 -b 16 -t 1024 -d 65536 -x 200
+    python bench/fp8_loss.py --model d12 -b 16 -t 1024 -d 65536 -x 200 [--fp8 2]
 
 Data: tinyshakespeare from the cache (`llmpy data tinyshakespeare` builds it), or -i/-j.
 Prints a table every --every steps, the largest and the mean |difference| over the last
@@ -55,12 +55,15 @@ def main(argv=None) -> int:
     ap.add_argument("-j", dest="val", default=None)
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--tol", type=float, default=0.02)
+    ap.add_argument("--fp8", type=int, default=1, choices=(1, 2), help="the -f8 to compare "
+                    "with -f8 0 (1)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
         (b_train, b_val), (f_train, f_val) = (run(Path(tmp) / f"f8_{f}", args, f)
-                                              for f in (0, 1))
+                                              for f in (0, args.fp8))
     n = min(len(b_train), len(f_train))
-    print(f"{args.model}, B={args.batch} T={args.seq_len}, {args.total} tokens/step, {n} steps")
+    print(f"{args.model}, B={args.batch} T={args.seq_len}, {args.total} tokens/step, {n} "
+          f"steps, -f8 0 against -f8 {args.fp8}")
     print(f"{'step':>5s} {'bf16 loss':>10s} {'fp8 loss':>10s} {'diff':>8s} {'bf16 norm':>10s} "
           f"{'fp8 norm':>9s}")
     for s in list(range(0, n, args.every)) + [n - 1]:

@@ -55,8 +55,9 @@ INIT_TOL = 1.0
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", default="torch",
-                    help="comma-separated: torch[,triton] (torch); triton:r0 / triton:flash "
-                         "override --recompute / --attention for that entry")
+                    help="comma-separated: torch[,triton] (torch); triton:r0 / triton:flash / "
+                         "triton:ge0 / triton:f8 (-f8 1) / triton:f82 (-f8 2) override that "
+                         "entry's settings, and combine (triton:f82:r0)")
     ap.add_argument("--model", default="d12", help="descriptor: d12, gpt3:c768, L=..,C=..,NH=.. (d12)")
     ap.add_argument("-b", dest="batch", type=int, default=64, help="micro-batch size B (64)")
     ap.add_argument("-t", dest="seq_len", type=int, default=1024, help="sequence length T (1024)")
@@ -94,8 +95,8 @@ def engine_options(spec: str, args) -> dict:
                 opts["recompute"] = int(v[1])
             elif v in ("ge0", "ge1", "ge2"):
                 opts["gelu_fusion"] = int(v[2])
-            elif v == "f8":
-                opts["fp8_head"] = 1
+            elif v in ("f8", "f82"):
+                opts["fp8_head"] = 2 if v == "f82" else 1
             else:
                 opts["attention"] = v
     return opts

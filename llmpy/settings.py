@@ -120,8 +120,9 @@ FLAGS = [
     ("-ge", "--gelu-fusion", "gelu_fusion", int, "GELU in the fc matmuls' cuBLASLt "
      "epilogues, triton engine on CUDA: 0 none, 1 forward, 2 forward+backward, -1 auto (2 "
      "where cuBLASLt is available)"),
-    ("-f8", "--fp8-head", "fp8_head", int, "lm head matmuls in FP8 (e4m3 inputs, e5m2 "
-     "gradients), triton engine on sm89+ GPUs (0/1; not in llm.c)"),
+    ("-f8", "--fp8-head", "fp8_head", int, "matmuls in FP8, triton engine on sm89+ GPUs: "
+     "0 none, 1 the lm head, 2 the lm head and the MLP's fc and fcproj (experimental; not "
+     "in llm.c)"),
     ("-f", "--tf32", "tf32", int, "allow TF32 matmuls (0/1)"),
     ("-lg", "--gpu-log-every", "gpu_log_every", int, "log GPU memory every N steps (-1=off)"),
     ("-pn", "--num-processes", "num_processes", int, "number of processes"),
@@ -345,7 +346,7 @@ def validate(rc: RunConfig) -> None:
          "numpy|torch|triton|auto", rc.engine)
     need(rc.attention in ATTENTION, "--attention", "|".join(ATTENTION), rc.attention)
     need(rc.gelu_fusion in (-1, 0, 1, 2), "-ge", "-1, 0, 1 or 2", rc.gelu_fusion)
-    need(rc.fp8_head in (0, 1), "-f8", "0 or 1", rc.fp8_head)
+    need(rc.fp8_head in (0, 1, 2), "-f8", "0, 1 or 2", rc.fp8_head)
     need(rc.device in ("auto", "cpu", "cuda", "mps") or rc.device.startswith("cuda:"),
          "--device", "cpu|cuda|mps|auto", rc.device)
     need(rc.dtype in ("auto", "fp32", "bf16"), "--dtype", "fp32|bf16|auto", rc.dtype)

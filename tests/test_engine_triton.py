@@ -394,10 +394,11 @@ def test_20_steps_track_torch_engine_bf16():
 
 
 @pytest.mark.gpu
-def test_kill_and_resume_on_gpu_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("fp8", ["0", "2"])
+def test_kill_and_resume_on_gpu_is_bit_exact(tmp_path, fp8):
     """`llmpy train --engine triton --device cuda`, SIGKILLed after its step-k checkpoint and
     relaunched, logs the same losses and writes the same model and state as a run that was
-    never interrupted."""
+    never interrupted; with -f8 2 too (two micro-steps per step: the delayed scales)."""
     from llmpy import checkpoint as ckpt
     from llmpy.formats import read_state
     from llmpy.formats import write_shard
@@ -414,7 +415,7 @@ def test_kill_and_resume_on_gpu_is_bit_exact(tmp_path):
                 "-e", "L=2,C=64,NH=4,T=64,V=512", "-b", "4", "-t", "32", "-d", "256", "-x",
                 str(2 * k), "-l", "3e-3", "-u", "2", "-v", "4", "-m", "2", "-s", "0",
                 "-n", str(k), "-y", "1", "-o", str(out), "--engine", "triton",
-                "--device", "cuda"]
+                "--device", "cuda", "-f8", fp8]
 
     def run(a, kill=None):
         env = {**os.environ, **({"LLMPY_TEST_KILL": kill} if kill else {})}
@@ -496,6 +497,14 @@ def test_fp8_quantize_matches_torchs_cast():
     assert float(out.float().abs().max()) == 448.0
     fp8.quantize_e4m3(torch.zeros_like(x), out, None, scale, partial)
     assert float(scale) == 1.0 and not out.float().any()
+    # pow2 (-f8 2's activations), into e5m2 too: 2^ceil(log2(amax / MAX)), amax kept
+    amax = torch.zeros(1, dtype=torch.float32, device=DEV)
+    for dtype, want_scale in ((fp8.E4M3, 2.0 ** -3), (fp8.E5M2, 2.0 ** -10)):  # 40 / MAX
+        q = torch.empty(M, K, dtype=dtype, device=DEV)
+        fp8.quantize(x, q, None, scale, partial, amax=amax, pow2_scale=True)
+        assert float(scale) == want_scale and float(amax) == 40.0
+        want = (x.float() / want_scale).to(dtype)
+        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8)), dtype
 
 
 def test_fp8_classifier_matches_float64():
@@ -569,12 +578,13 @@ def test_fp8_head_tracks_the_fp32_oracle(monkeypatch):
 
 
 def test_fp8_head_refusals():
-    """-f8 needs C and B*T multiples of 16 (FP8 matmuls) and takes 0 or 1: one line each."""
+    """-f8 needs C and B*T multiples of 16 (FP8 matmuls) and takes 0, 1 or 2: one line
+    each."""
     odd = ModelConfig(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=4, channels=40)
     with pytest.raises(LlmpyError, match="multiple of 16"):
         engine(odd, fp8_head=1)
-    with pytest.raises(LlmpyError, match="0 or 1"):
-        engine(fp8_head=2)
+    with pytest.raises(LlmpyError, match="0, 1 or 2"):
+        engine(fp8_head=3)
     e = engine(fp8_head=1)
     x, y = batch(0)  # 3 x 7 = 21 rows
     with pytest.raises(LlmpyError, match="B\\*T a multiple of 16"):
@@ -582,33 +592,196 @@ def test_fp8_head_refusals():
     from llmpy.config import from_descriptor
     from llmpy.engines.triton.model import Activations
     d12 = from_descriptor("d12")  # chunks: no (N, Vp) bf16 logits, 1.6 GiB less at B=64
-    fp8_bytes = Activations(d12, 64, 1024, 1, "meta", fp8_head=True).nbytes()
+    fp8_bytes = Activations(d12, 64, 1024, 1, "meta", fp8=1).nbytes()
     bf16_bytes = Activations(d12, 64, 1024, 1, "meta").nbytes()
     assert bf16_bytes - fp8_bytes > 1.5 * 2**30
 
 
 @pytest.mark.gpu
-def test_fp8_head_on_gpu_tracks_fp32():
-    """On the GPU (cuBLASLt's FP8 matmuls), at sizes where the head has four chunks: the
-    loss within 0.01 of fp32, the gradients within 5% of the largest entry and correlated
-    > 0.999 per tensor, and the bf16 engine's own error for scale."""
+@pytest.mark.parametrize("level", [1, 2])
+def test_fp8_head_on_gpu_tracks_fp32(level):
+    """On the GPU (cuBLASLt's FP8 matmuls), at sizes where the head has four chunks, two
+    micro-steps of different data (with -f8 2 the second on delayed scales): the loss within
+    0.01 of fp32, the gradients within 5% (-f8 1) or 10% (-f8 2) of the largest entry and
+    correlated > 0.999 (0.995) per tensor."""
     fp8 = _fp8()
     cfg = ModelConfig(max_seq_len=128, vocab_size=1000, num_layers=2, num_heads=4, channels=128)
-    x, y = batch(5, b=8, t=128, V=cfg.vocab_size)
+    data = [batch(5, b=8, t=128, V=cfg.vocab_size), batch(6, b=8, t=128, V=cfg.vocab_size)]
     old = fp8.HEAD_ROWS
     fp8.HEAD_ROWS = 256
     try:
-        e = engine(cfg, fp8_head=1)
-        loss = e.forward(x, y)
-        e.backward()
+        e = engine(cfg, fp8_head=level)
+        e.zero_grad()
+        losses = []
+        for x, y in data:
+            losses.append(e.forward(x, y))
+            e.backward(0.5)
     finally:
         fp8.HEAD_ROWS = old
     ref = oracle(e)
-    ref_loss = ref.forward(x, y)
-    ref.backward()
+    ref_losses = []
+    for x, y in data:
+        ref_losses.append(ref.forward(x, y))
+        ref.backward(0.5)
     ref_g, got = ref.get_grads(), e.get_grads()
-    print(f"\nfp8 head: loss {loss:.5f} vs fp32 {ref_loss:.5f}, grads rel {rel(got, ref_g):.4f}")
-    assert abs(loss - ref_loss) < 1e-2
-    assert rel(got, ref_g) < 0.05
+    worst = max(rel(got[a:b], ref_g[a:b]) for a, b in cfg.param_offsets().values())
+    print(f"\n-f8 {level}: losses {losses} vs fp32 {ref_losses}, grads rel "
+          f"{rel(got, ref_g):.4f}, worst tensor {worst:.4f}")
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-2
+    tol, corr = (0.05, 0.999) if level == 1 else (0.10, 0.995)
     for name, (a, b) in cfg.param_offsets().items():
-        assert np.corrcoef(got[a:b], ref_g[a:b])[0, 1] > 0.999, name
+        assert rel(got[a:b], ref_g[a:b]) < tol, name
+        assert np.corrcoef(got[a:b], ref_g[a:b])[0, 1] > corr, name
+
+
+# ---------------------------------------------------------------------------------------
+# the FP8 MLP (-f8 2, fp8.Fp8Mlp): the kernels that write their output in FP8 with a
+# delayed scale against quantize()'s definition; delayed scales against measured ones bit
+# for bit; the engine against the fp32 oracle within FP8's precision; resume bit-exact
+
+def _delayed(fp8, y, prev, dtype):
+    """What an Fp8Out run must leave: y's bf16 values / scale in `dtype`, saturated, with
+    scale the smallest power of two >= prev / MAX (that quotient rounded once to fp32)."""
+    top = fp8.FP8_MAX[dtype]
+    r = float(torch.tensor(prev / top, dtype=torch.float32))  # float64 quotient, rounded once
+    m, e = math.frexp(r)                                      # r = m 2^e, m in [0.5, 1)
+    scale = torch.tensor(r if m == 0.5 else 2.0 ** e, dtype=torch.float32)
+    return torch.clamp(y.float().cpu() / scale, -top, top).to(dtype), scale
+
+
+@pytest.mark.parametrize("kernel", ["layernorm", "gelu", "gelu_only_fp8", "gelu_backward",
+                                    "gelu_backward_sums"])
+def test_fp8_epilogues_write_what_quantize_defines(kernel):
+    """layernorm_forward, gelu_forward and gelu_backward with an Fp8Out: their bf16 output
+    unchanged, and in FP8 the same bytes as torch's cast of output / (amax_prev / MAX),
+    saturating where the output passes amax_prev (a delayed scale can be too small: here
+    0.4 of the max), the scale a power of two; the programs' partial maxima, at most `programs` of them, give max
+    |output|; amax only read; the scale used stored."""
+    fp8 = _fp8()
+    from llmpy.engines.triton.gelu import gelu_backward, gelu_forward
+    from llmpy.engines.triton.layernorm import layernorm_forward
+    g = torch.Generator().manual_seed(7)
+    N, C = 45, 96
+    f32, bf = torch.float32, torch.bfloat16
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(bf).to(DEV)
+    dtype = fp8.E5M2 if kernel.startswith("gelu_backward") else fp8.E4M3
+    if kernel == "layernorm":
+        x, delta, w, b = rnd(N, C), rnd(N, C), rnd(C, s=2.0), rnd(C)
+        mean, rstd = (torch.empty(N, dtype=f32, device=DEV) for _ in range(2))
+
+        def run(out, f):
+            xsum = torch.empty(N, C, dtype=bf, device=DEV)
+            layernorm_forward(x, w, b, out, mean, rstd, delta=delta, xsum=xsum, fp8=f)
+            return out
+        shape = (N, C)
+    elif kernel.startswith("gelu_backward"):
+        x, d0 = rnd(N, 4 * C, s=2.0), rnd(N, 4 * C, s=1e-3)  # gradients are small
+        part = torch.empty(4 * C * N, dtype=f32, device=DEV)
+
+        def run(out, f):
+            out.copy_(d0)
+            gelu_backward(out, x if kernel == "gelu_backward" else None, part, fp8=f)
+            return out
+        shape = (N, 4 * C)
+    else:
+        x = rnd(N, 4 * C, s=2.0)
+
+        def run(out, f):
+            return gelu_forward(x, out if kernel == "gelu" or f is None else None, fp8=f)
+        shape = (N, 4 * C)
+    from llmpy.engines.triton.gelu import gelu_backward_programs, gelu_forward_programs
+    from llmpy.engines.triton.layernorm import layernorm_forward_programs
+    programs = {"layernorm": layernorm_forward_programs(N, C),
+                "gelu_backward": gelu_backward_programs(N, 4 * C),
+                "gelu_backward_sums": gelu_backward_programs(N, 4 * C)}.get(
+                    kernel, gelu_forward_programs(N * 4 * C))
+    ref = run(torch.empty(shape, dtype=bf, device=DEV), None).clone()
+    prev = 0.4 * float(ref.float().abs().max())
+    amax = torch.tensor([prev], dtype=f32, device=DEV)
+    scale = torch.zeros(1, dtype=f32, device=DEV)
+    maxima = torch.full((programs + 1,), -1.0, dtype=f32, device=DEV)  # one past the end
+    q = torch.empty(shape, dtype=dtype, device=DEV)
+    out = torch.empty(shape, dtype=bf, device=DEV)
+    got = run(out, fp8.Fp8Out(q, amax, maxima[:programs], scale))
+    if kernel != "gelu_only_fp8":
+        assert torch.equal(got, ref)
+    want, want_scale = _delayed(fp8, ref, prev, dtype)
+    assert float(scale) == float(want_scale)
+    assert torch.equal(q.view(torch.uint8).cpu(), want.view(torch.uint8)), kernel
+    assert float(q.float().abs().max()) == fp8.FP8_MAX[dtype]  # saturated
+    assert float(maxima[:programs].max()) == float(ref.float().abs().max())
+    assert (maxima[:programs] >= 0).all() and float(maxima[programs]) == -1.0
+    assert float(amax) == pytest.approx(prev)  # read, not written
+
+
+def test_fp8_mlp_delayed_scales_equal_measured_ones():
+    """-f8 2: the first micro-step after zero_grad measures (bf16 outputs, then quantize()
+    with their amax); a second micro-step on the same data and weights has delayed scales
+    equal to those, so its kernels, writing FP8 themselves, must give the same loss and
+    gradients bit for bit, at -r 0, 1 and 2 alike."""
+    x, y = batch(4, b=3, t=16)
+    ref = None
+    for r in (0, 1, 2):
+        e = engine(fp8_head=2, recompute=r)
+        e.zero_grad()
+        loss = e.forward(x, y)
+        assert e.acts.mlp8.measuring
+        e.backward()
+        measured = e.get_grads()
+        e.grads.zero_()  # not zero_grad: that would make the next micro-step measure
+        assert e.forward(x, y) == loss
+        assert not e.acts.mlp8.measuring
+        e.backward()
+        assert not e.acts.mlp8.measuring
+        assert np.array_equal(e.get_grads(), measured), r
+        ref = measured if ref is None else ref
+        assert np.array_equal(measured, ref), r  # -r 0/1/2: the same bits
+
+
+def test_fp8_mlp_tracks_the_fp32_oracle():
+    """-f8 2 (head and MLP in FP8) against the fp32 torch engine on the same weights over
+    two micro-steps of different data (the second with delayed scales): loss within 0.01,
+    every gradient tensor within 15% of its largest entry and correlated > 0.995. e5m2's
+    2 mantissa bits (+-12.5% per entry) carry fc's input gradient, so ln2's and the earlier
+    layers' gradients are the worst (ln2b 10.6% here, K = 4C = 192 averaging little; the
+    head alone: at most 5%)."""
+    (x1, y1), (x2, y2) = batch(4, b=3, t=16), batch(5, b=3, t=16)
+    ref = oracle(engine())
+    e = engine(fp8_head=2)
+    e.zero_grad()
+    for x, y in ((x1, y1), (x2, y2)):
+        assert abs(e.forward(x, y) - ref.forward(x, y)) < 1e-2
+        e.backward(0.5)
+        ref.backward(0.5)
+    got, want = e.get_grads(), ref.get_grads()
+    for name, (a, b) in SMALL.param_offsets().items():
+        assert rel(got[a:b], want[a:b]) < 0.15, name
+        assert np.corrcoef(got[a:b], want[a:b])[0, 1] > 0.995, name
+
+
+def test_fp8_mlp_state_round_trip_continues_bit_exactly():
+    """-f8 2 with two micro-steps per step: an engine given the params and optimizer state
+    after step 2 continues bit for bit (each step measures its scales afresh, so no FP8
+    state outlives a step)."""
+    data = [batch(s, b=2, t=16) for s in range(4)]
+
+    def run(eng, steps, start=0):
+        out = []
+        for k in range(start, start + steps):
+            eng.zero_grad()
+            for i in (0, 1):
+                out.append(eng.forward(*data[(2 * k + i) % 4]))
+                eng.backward(0.5)
+            eng.step(1e-3, k + 1, grad_scale=1.0)
+        return out
+    a = engine(fp8_head=2)
+    run(a, 2)
+    params, state = a.get_params(), a.get_optimizer_state()
+    tail_a = run(a, 2, start=2)
+    b = engine(fp8_head=2, seed=1337)
+    b.set_params(params)
+    b.set_optimizer_state(state["m"], state["v"], state["master"])
+    assert run(b, 2, start=2) == tail_a
+    assert np.array_equal(a.get_params(), b.get_params())

@@ -37,7 +37,9 @@ def version1(x):
     out = torch.empty_like(x)
     n = x.numel()
     BLOCK = 128
-    _gelu_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, BLOCK=BLOCK, num_warps=4)
+    # x stands in for the FP8 output's pointers (-f8 2), which OUT8=False leaves unused
+    _gelu_kernel[(triton.cdiv(n, BLOCK),)](x, out, x, x, x, x, n, STORE=True, OUT8=False,
+                                           MAXV=1.0, BLOCK=BLOCK, num_warps=4)
     return dict(out=out)
 
 

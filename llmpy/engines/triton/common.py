@@ -57,8 +57,9 @@ def to_dtype(x, dtype: tl.constexpr):
     """fp32 x -> dtype, rounding to nearest even. Written out for bf16, and for the two FP8
     types under the interpreter, because Triton's CPU interpreter rounds otherwise in its
     own conversions (the GPU rounds to nearest even); the value handed to the final cast is
-    then exact. FP8 callers keep x inside the type's finite range; in FP8's subnormal range
-    the interpreter's cast rounds once more."""
+    then exact. FP8 callers keep x inside the type's finite range. Below FP8's smallest
+    normal number the spacing is fixed (2^-9 for e4m3, 2^-16 for e5m2): adding and taking
+    away 1.5 * 2^23 times that spacing rounds to it, to nearest even, in fp32 itself."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -67,10 +68,16 @@ def to_dtype(x, dtype: tl.constexpr):
         # interpreter's FP8 conversion loses the carry when rounding up crosses a power of 2)
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0xFFFFF + ((bits >> 21) & 1)) & 0xFFE00000
-        return bits.to(tl.float32, bitcast=True).to(tl.float8e5)
+        sub = (x + 192.0) - 192.0  # multiples of 2^-16 below 2^-14
+        sub = tl.where(sub == 0.0, x * 0.0, sub)  # zero keeps x's sign
+        return tl.where(tl.abs(x) < 2.0 ** -14, sub,
+                        bits.to(tl.float32, bitcast=True)).to(tl.float8e5)
     elif dtype == tl.float8e4nv and INTERPRETED:  # e4m3fn: 3 mantissa bits kept
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-        return bits.to(tl.float32, bitcast=True).to(tl.float8e4nv)
+        sub = (x + 24576.0) - 24576.0  # multiples of 2^-9 below 2^-6
+        sub = tl.where(sub == 0.0, x * 0.0, sub)  # zero keeps x's sign
+        return tl.where(tl.abs(x) < 2.0 ** -6, sub,
+                        bits.to(tl.float32, bitcast=True)).to(tl.float8e4nv)
     else:  # the GPU's FP8 conversions round to nearest even themselves
         return x.to(dtype)

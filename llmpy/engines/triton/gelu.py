@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import check_device, interpreting, pow2, to_dtype
+from .fp8 import delayed_scale, fp8_args, fp8_store
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBE = 0.044715
@@ -49,22 +50,35 @@ def gelu_grad(x):
 
 
 @triton.jit
-def _gelu_forward_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _gelu_forward_kernel(x_ptr, out_ptr, out8_ptr, amax_ptr, part_ptr, scale_ptr, n,
+                         STORE: tl.constexpr, OUT8: tl.constexpr, MAXV: tl.constexpr,
+                         BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     th = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-    tl.store(out_ptr + offs, to_dtype(0.5 * x * (1.0 + th), out_ptr.dtype.element_ty), mask=mask)
+    y = to_dtype(0.5 * x * (1.0 + th), out_ptr.dtype.element_ty)
+    if STORE:
+        tl.store(out_ptr + offs, y, mask=mask)
+    if OUT8:  # the same values in FP8 for the fcproj matmul (-f8 2), with a delayed scale
+        scale = delayed_scale(amax_ptr, MAXV)
+        tl.store(part_ptr + tl.program_id(0),
+                 fp8_store(out8_ptr, offs, mask, y.to(tl.float32), scale, MAXV))
+        tl.store(scale_ptr, scale, mask=tl.program_id(0) == 0)
 
 
 @triton.jit
-def _gelu_backward_kernel(dout_ptr, x_ptr, partial_ptr, N, OC, ROWS_PER_PROG,
+def _gelu_backward_kernel(dout_ptr, x_ptr, partial_ptr, out8_ptr, amax_ptr, part_ptr,
+                          scale_ptr, N, OC, ROWS_PER_PROG,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          APPLY_GELU: tl.constexpr):
+                          APPLY_GELU: tl.constexpr, OUT8: tl.constexpr, MAXV: tl.constexpr):
     pid_r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < OC
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if OUT8:
+        scale = delayed_scale(amax_ptr, MAXV)
     for r in range(0, ROWS_PER_PROG, BLOCK_R):
         rows = pid_r * ROWS_PER_PROG + r + tl.arange(0, BLOCK_R)
         rmask = (rows < N) & (r + tl.arange(0, BLOCK_R) < ROWS_PER_PROG)
@@ -78,29 +92,66 @@ def _gelu_backward_kernel(dout_ptr, x_ptr, partial_ptr, N, OC, ROWS_PER_PROG,
         else:  # column sums of dout only (its GELU' came from cuBLASLt's DGELU epilogue)
             dx = tl.load(dout_ptr + offs, mask=mask, other=0.0)
         acc += tl.sum(dx.to(tl.float32), axis=0)
+        if OUT8:  # the result in FP8 for fc's input gradient (-f8 2), delayed scale
+            amax = tl.maximum(amax, fp8_store(out8_ptr, offs, mask, dx.to(tl.float32), scale,
+                                              MAXV))
     tl.store(partial_ptr + pid_r * OC + cols, acc, mask=cmask)
+    if OUT8:
+        tl.store(part_ptr + pid_r * tl.num_programs(1) + tl.program_id(1), tl.max(amax, axis=0))
+        tl.store(scale_ptr, scale, mask=(pid_r == 0) & (tl.program_id(1) == 0))
 
 
-def gelu_forward(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = gelu(x), elementwise; both contiguous, same shape."""
+def gelu_forward(x: torch.Tensor, out: torch.Tensor | None, fp8=None) -> torch.Tensor:
+    """out = gelu(x), elementwise; both contiguous, same shape. fp8 (an fp8.Fp8Out): the
+    values (rounded to x's dtype) also written in FP8 with the delayed scale of
+    fp8.amax, each program's max |.| into fp8.partial (gelu_forward_programs(n)); out may
+    then be None (only FP8)."""
+    if out is None and fp8 is None:
+        raise ValueError("gelu_forward: nothing to write (out and fp8 both None)")
+    store = out is not None
+    out = x if out is None else out  # stands in for the pointer; its dtype rounds
     if x.shape != out.shape or not (x.is_contiguous() and out.is_contiguous()):
         raise ValueError(f"gelu_forward: x {tuple(x.shape)} and out {tuple(out.shape)} must be "
                          f"contiguous and the same shape")
     check_device(x, out)
     n = x.numel()
     cfg = dict(BLOCK=pow2(n), num_warps=1) if interpreting() else GPU["forward"]
-    _gelu_forward_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](x, out, n, **cfg)
+    grid = (triton.cdiv(n, cfg["BLOCK"]),)
+    out8, amax, part, scale, out8_on, maxv = fp8_args(fp8, x, grid[0])
+    _gelu_forward_kernel[grid](x, out, out8, amax, part, scale, n, STORE=store,
+                               OUT8=out8_on, MAXV=maxv, **cfg)
     return out
+
+
+def gelu_forward_programs(n: int) -> int:
+    """Programs of gelu_forward over n elements (an Fp8Out's partials)."""
+    return 1 if interpreting() else triton.cdiv(n, GPU["forward"]["BLOCK"])
+
+
+def _backward_block_c(N: int, OC: int) -> tuple[int, int, int]:
+    if interpreting():
+        return pow2(min(N, 16384 // pow2(OC))), pow2(OC), 1
+    c = GPU["backward"]
+    return c["BLOCK_R"], c["BLOCK_C"], c["num_warps"]
+
+
+def gelu_backward_programs(N: int, OC: int) -> int:
+    """Programs of gelu_backward over (N, OC) (an Fp8Out's partials)."""
+    return triton.cdiv(N, gelu_backward_rows_per_prog(N)) * \
+        triton.cdiv(OC, _backward_block_c(N, OC)[1])
 
 
 def gelu_backward_rows_per_prog(N: int) -> int:
     return max(1, N) if interpreting() else GPU["backward"]["ROWS"]
 
 
-def gelu_backward(dout: torch.Tensor, x: torch.Tensor | None, partial: torch.Tensor) -> torch.Tensor:
+def gelu_backward(dout: torch.Tensor, x: torch.Tensor | None, partial: torch.Tensor,
+                  fp8=None) -> torch.Tensor:
     """dout (N, OC) becomes dout * gelu'(x) in place; writes the column sums of the result per
     block of rows into partial (a flat fp32 buffer); returns that (P, OC) view. With x None,
-    dout is left alone and only its column sums are written (fcb's gradient under -ge 2)."""
+    dout is left alone and only its column sums are written (fcb's gradient under -ge 2).
+    fp8 (an fp8.Fp8Out): the result also written in FP8 with the delayed scale of
+    fp8.amax, each program's max |.| into fp8.partial (gelu_backward_programs(N, OC))."""
     N, OC = dout.shape
     apply = x is not None
     x = dout if x is None else x
@@ -113,12 +164,11 @@ def gelu_backward(dout: torch.Tensor, x: torch.Tensor | None, partial: torch.Ten
     if partial.numel() < P * OC or partial.dtype != torch.float32:
         raise ValueError(f"gelu_backward: partial needs {P}x{OC} fp32")
     partial = partial.view(-1)[:P * OC].view(P, OC)
-    if interpreting():
-        BLOCK_R, BLOCK_C, num_warps = pow2(min(N, 16384 // pow2(OC))), pow2(OC), 1
-    else:
-        c = GPU["backward"]
-        BLOCK_R, BLOCK_C, num_warps = c["BLOCK_R"], c["BLOCK_C"], c["num_warps"]
+    BLOCK_R, BLOCK_C, num_warps = _backward_block_c(N, OC)
     grid = (P, triton.cdiv(OC, BLOCK_C))
-    _gelu_backward_kernel[grid](dout, x, partial, N, OC, rows_per_prog, BLOCK_R=BLOCK_R,
-                                BLOCK_C=BLOCK_C, APPLY_GELU=apply, num_warps=num_warps)
+    out8, amax, part, scale, out8_on, maxv = fp8_args(fp8, dout, grid[0] * grid[1])
+    _gelu_backward_kernel[grid](dout, x, partial, out8, amax, part, scale, N, OC,
+                                rows_per_prog, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                                APPLY_GELU=apply, OUT8=out8_on, MAXV=maxv,
+                                num_warps=num_warps)
     return partial

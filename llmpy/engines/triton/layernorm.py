@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import check_device, interpreting, row_tile, to_dtype
+from .fp8 import delayed_scale, fp8_args, fp8_store
 
 LN_EPS = 1e-5
 # GPU launch configurations (bench/triton_kernels.py sweeps them); num_warps 0 picks by C.
@@ -33,8 +34,10 @@ GPU = {"forward": dict(BLOCK_R=2, num_warps=4), "backward": dict(ROWS=128, BLOCK
 
 @triton.jit
 def _layernorm_forward_kernel(x_ptr, delta_ptr, xsum_ptr, out_ptr, w_ptr, b_ptr, mean_ptr,
-                              rstd_ptr, N, C, eps, FUSED: tl.constexpr,
-                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                              rstd_ptr, out8_ptr, amax_ptr, part_ptr, scale_ptr,
+                              N, C, eps, FUSED: tl.constexpr, OUT8: tl.constexpr,
+                              MAXV: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < N
@@ -53,8 +56,13 @@ def _layernorm_forward_kernel(x_ptr, delta_ptr, xsum_ptr, out_ptr, w_ptr, b_ptr,
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(out_ptr + offs, to_dtype(y, out_ptr.dtype.element_ty), mask=mask)
+    y = to_dtype(xc * rstd[:, None] * w[None, :] + b[None, :], out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, y, mask=mask)
+    if OUT8:  # the same values in FP8 for an FP8 matmul (-f8 2), with a delayed scale
+        scale = delayed_scale(amax_ptr, MAXV)
+        tl.store(part_ptr + tl.program_id(0),
+                 fp8_store(out8_ptr, offs, mask, y.to(tl.float32), scale, MAXV))
+        tl.store(scale_ptr, scale, mask=tl.program_id(0) == 0)
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
@@ -105,10 +113,12 @@ def _rows(x: torch.Tensor, C: int, what: str) -> int:
     return x.numel() // C
 
 
-def layernorm_forward(x, w, b, out, mean, rstd, delta=None, xsum=None):
+def layernorm_forward(x, w, b, out, mean, rstd, delta=None, xsum=None, fp8=None):
     """out = layernorm(x) with w, b (C,); x, out (..., C); mean, rstd (N,) fp32 written.
 
-    Fused residual form (delta given): xsum = bf16(x + delta) is written and normalized."""
+    Fused residual form (delta given): xsum = bf16(x + delta) is written and normalized.
+    fp8 (an fp8.Fp8Out): out's values also written in FP8 with the delayed scale of
+    fp8.amax, each program's max |.| into fp8.partial (layernorm_forward_programs(N))."""
     C = w.numel()
     N = _rows(x, C, "x")
     _rows(out, C, "out")
@@ -122,10 +132,17 @@ def layernorm_forward(x, w, b, out, mean, rstd, delta=None, xsum=None):
     BLOCK_R, BLOCK_C, num_warps = row_tile(C, GPU["forward"]["BLOCK_R"])
     num_warps = (GPU["forward"]["num_warps"] or num_warps) if not interpreting() else num_warps
     grid = (triton.cdiv(N, BLOCK_R),)
+    out8, amax, part, scale, out8_on, maxv = fp8_args(fp8, out, grid[0])
     _layernorm_forward_kernel[grid](x, delta if fused else x, xsum if fused else x, out, w, b,
-                                    mean, rstd, N, C, LN_EPS, FUSED=fused, BLOCK_R=BLOCK_R,
-                                    BLOCK_C=BLOCK_C, num_warps=num_warps)
+                                    mean, rstd, out8, amax, part, scale, N, C,
+                                    LN_EPS, FUSED=fused, OUT8=out8_on, MAXV=maxv,
+                                    BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return out
+
+
+def layernorm_forward_programs(N: int, C: int) -> int:
+    """Programs of layernorm_forward over N rows of C (an Fp8Out's partials)."""
+    return triton.cdiv(N, row_tile(C, GPU["forward"]["BLOCK_R"])[0])
 
 
 def layernorm_backward_rows_per_prog(N: int) -> int:

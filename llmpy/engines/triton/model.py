@@ -42,14 +42,16 @@ from ...errors import LlmpyError
 from ...init import init_params
 from . import attention as att
 from . import cublaslt
-from . import fp8
+from . import fp8 as fp8_mod
 from .adamw import adamw_update
 from .classifier import fused_classifier
 from ..torch_common import KVCache, resolve_device
 from .common import interpreting
 from .encoder import bucket_plan, encoder_backward, encoder_forward
-from .gelu import gelu_backward, gelu_backward_rows_per_prog, gelu_forward
-from .layernorm import layernorm_backward, layernorm_backward_rows_per_prog, layernorm_forward
+from .gelu import (gelu_backward, gelu_backward_programs, gelu_backward_rows_per_prog,
+                   gelu_forward, gelu_forward_programs)
+from .layernorm import (layernorm_backward, layernorm_backward_rows_per_prog, layernorm_forward,
+                        layernorm_forward_programs)
 from .reduce import add_partials, sum_of_squares, total
 
 LAYER_NAMES = PARAM_NAMES[2:14]
@@ -70,7 +72,7 @@ class Activations:
     writes into residual3's (read by layer 0 before that layer overwrites it)."""
 
     def __init__(self, config: ModelConfig, B: int, T: int, recompute: int, device,
-                 training: bool = True, fp8_head: bool = False):
+                 training: bool = True, fp8: int = 0):
         L, C, Vp = config.num_layers, config.channels, config.padded_vocab_size
         N = B * T
         self.B, self.T, self.N = B, T, N
@@ -101,6 +103,7 @@ class Activations:
         self.proj = buf(N, C)                                # (N, C) attproj / fcproj output
         self.atty = [None] * L                               # L x (N, C) views
         self.att_saved = [None] * L
+        self.mlp8 = None
         if not training:
             self.ln2, self.ln2_mean, self.ln2_rstd = self.ln1, self.ln1_mean, self.ln1_rstd
             self.lnf, self.lnf_mean, self.lnf_rstd = self.ln1[0], self.ln1_mean[0], \
@@ -113,8 +116,12 @@ class Activations:
         self.lnf = buf(N, C)                                 # (N, C)
         self.lnf_mean, self.lnf_rstd = buf(N, dtype=f32), buf(N, dtype=f32)
         # (N, Vp), becomes dlogits; the FP8 head has chunk buffers instead (fp8.py)
-        self.head = fp8.Fp8Head(N, C, Vp, buf) if fp8_head else None
-        self.logits = None if fp8_head else buf(N, Vp)
+        self.head = fp8_mod.Fp8Head(N, C, Vp, buf) if fp8 else None
+        self.logits = None if fp8 else buf(N, Vp)
+        # -f8 2: the MLP's FP8 buffers (e4m3 weights, e4m3/e5m2 activations, scales)
+        self.mlp8 = fp8_mod.Fp8Mlp(
+            L, N, C, max(layernorm_forward_programs(N, C), gelu_forward_programs(4 * N * C),
+                         gelu_backward_programs(N, 4 * C)), buf) if fp8 >= 2 else None
         self.losses = buf(N + 1, dtype=f32)                  # (N,) and the sum
         # backward scratch (proj too)
         self.dresidual = buf(N, C)                           # (N, C)
@@ -151,7 +158,9 @@ class TritonEngine:
     output), 2 the backward too (DGELU: fcproj's input gradient times GELU'; fcb's gradient
     from our column sums); -1 picks 2 where cuBLASLt is available and C is a multiple of 8,
     else 0 (the CPU). fp8_head: 1 runs the lm head's three matmuls in FP8 (fp8.py: e4m3
-    inputs, e5m2 gradients, the logits in chunks, so less memory), on sm89+ GPUs; 0 bf16.
+    inputs, e5m2 gradients, the logits in chunks, so less memory), on sm89+ GPUs; 2 also
+    the MLP's fc and fcproj forwards and fc's input gradient (fp8.Fp8Mlp; it replaces
+    -ge's forward epilogue); 0 bf16.
     """
 
     name = "triton"
@@ -186,16 +195,19 @@ class TritonEngine:
                              f"{config.channels}; use -ge 0")
         fusable = fusable and cublaslt.shapes_ok(config.channels)
         self.gelu_fusion = (2 if fusable else 0) if gelu_fusion == -1 else int(gelu_fusion)
-        if fp8_head not in (0, 1):
-            raise LlmpyError(f"triton engine: fp8 head (-f8) must be 0 or 1, got {fp8_head}")
-        why = fp8.supported(self.device) if fp8_head else None
+        if fp8_head not in (0, 1, 2):
+            raise LlmpyError(f"triton engine: fp8 (-f8) must be 0, 1 or 2, got {fp8_head}")
+        why = fp8_mod.supported(self.device) if fp8_head else None
         if why is not None:
-            raise LlmpyError(f"triton engine: -f8 1 (FP8 lm head) cannot run on {why}; use "
-                             f"-f8 0")
+            raise LlmpyError(f"triton engine: -f8 {fp8_head} (FP8 matmuls) cannot run on "
+                             f"{why}; use -f8 0")
         if fp8_head and config.channels % 16:
-            raise LlmpyError(f"triton engine: -f8 1 needs the channels C a multiple of 16 "
-                             f"(FP8 matmuls), got C = {config.channels}; use -f8 0")
+            raise LlmpyError(f"triton engine: -f8 {fp8_head} needs the channels C a multiple "
+                             f"of 16 (FP8 matmuls), got C = {config.channels}; use -f8 0")
         self.fp8_head = int(fp8_head)
+        # -f8 2: the first training forward and backward after these are set measure the
+        # FP8 scales (and quantize the weights); the micro-steps after use delayed scales
+        self._measure_fwd = self._measure_bwd = True
 
         n = config.num_params
         flat = torch.from_numpy(init_params(config, seed))
@@ -258,8 +270,9 @@ class TritonEngine:
             self.acts = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            self._measure_fwd = self._measure_bwd = True
             self.acts = Activations(self.config, B, T, self.recompute, self.device,
-                                    fp8_head=bool(self.fp8_head))
+                                    fp8=self.fp8_head)
             if self.verbose and not self._reported:
                 print(self.memory_report(B, T), flush=True)
                 self._reported = True
@@ -292,7 +305,7 @@ class TritonEngine:
         (atty (B, T, C) bf16 and the logsumexp (B, NH, T) fp32)."""
         cfg = self.config
         own = Activations(cfg, B, T, self.recompute, "meta",
-                          fp8_head=bool(self.fp8_head)).nbytes()
+                          fp8=self.fp8_head).nbytes()
         return own + cfg.num_layers * B * T * (2 * cfg.channels + 4 * cfg.num_heads)
 
     # ------------------------------------------------------------------------------------
@@ -311,7 +324,7 @@ class TritonEngine:
         cfg = self.config
         B, T = x.shape
         if self.fp8_head and (B * T) % 16:
-            raise LlmpyError(f"triton engine: -f8 1 needs B*T a multiple of 16 (FP8 "
+            raise LlmpyError(f"triton engine: -f8 {self.fp8_head} needs B*T a multiple of 16 (FP8 "
                              f"matmuls), got {B}*{T} = {B * T}; change -b or -t, or use -f8 0")
         # host work first, while the GPU may still run the last backward: the plan of the
         # encoder backward, then one asynchronous copy of ids, targets and plan
@@ -328,6 +341,9 @@ class TritonEngine:
         a.plan, a.plan_counts = a.ids[2 * N:n_ids], counts
         a.atty = [None] * L
         a.att_saved = [None] * L
+        if a.mlp8 is not None:
+            a.mlp8.begin(self._measure_fwd, p)
+            self._measure_fwd = False
         self._transformer(a, a.inputs)                                     # a.lnf (N, C)
         if a.head is not None:  # FP8: losses, and the head's gradients into proj and dw
             a.head.forward(a.lnf, p["wte"], a.targets, a.losses[:N], a.proj, cfg.vocab_size)
@@ -356,14 +372,24 @@ class TritonEngine:
             torch.addmm(p["qkvb"][l], a.ln1[l], p["qkvw"][l].t(), out=a.qkv[l])
             atty = self._attention(a, l, a.qkv[l].view(B, T, 3 * C), pos, cache)  # (N, C)
             torch.addmm(p["attprojb"][l], atty, p["attprojw"][l].t(), out=a.proj)
+            m = a.mlp8  # -f8 2: fc and fcproj in FP8
             layernorm_forward(residual, p["ln2w"][l], p["ln2b"][l], a.ln2[l],
-                              a.ln2_mean[l], a.ln2_rstd[l], delta=a.proj, xsum=a.residual2[l])
-            if self.gelu_fusion:  # fch and its GELU in one cuBLASLt matmul
+                              a.ln2_mean[l], a.ln2_rstd[l], delta=a.proj, xsum=a.residual2[l],
+                              fp8=m and m.out(m.X, l))
+            if m is not None:
+                m.measure(m.X, l, a.ln2[l])
+                m.fc(l, p["fcb"][l], a.fch[l])
+                keep = self.recompute == 0 or m.measuring  # bf16 GELU output wanted
+                gelu_forward(a.fch[l], a.fch_gelu[l] if keep else None, fp8=m.out(m.H, l))
+                m.measure(m.H, l, a.fch_gelu[l])
+                m.fcproj(l, p["fcprojb"][l], a.proj)
+            elif self.gelu_fusion:  # fch and its GELU in one cuBLASLt matmul
                 cublaslt.linear(a.ln2[l], p["fcw"][l], a.fch_gelu[l], p["fcb"][l], aux=a.fch[l])
             else:
                 torch.addmm(p["fcb"][l], a.ln2[l], p["fcw"][l].t(), out=a.fch[l])
                 gelu_forward(a.fch[l], a.fch_gelu[l])
-            torch.addmm(p["fcprojb"][l], a.fch_gelu[l], p["fcprojw"][l].t(), out=a.proj)
+            if m is None:
+                torch.addmm(p["fcprojb"][l], a.fch_gelu[l], p["fcprojw"][l].t(), out=a.proj)
             if l + 1 < L:  # the next layer's ln1, fused with this residual add
                 layernorm_forward(a.residual2[l], p["ln1w"][l + 1], p["ln1b"][l + 1],
                                   a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1],
@@ -408,6 +434,10 @@ class TritonEngine:
         C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
         gs = float(grad_scale)
         dres, dbtc = a.dresidual, a.proj                                   # (N, C) each
+        m = a.mlp8  # -f8 2: fc's input gradient in FP8
+        if m is not None:
+            m.measuring = self._measure_bwd
+            self._measure_bwd = False
 
         def ln_backward(dout, x, w, mean, rstd, dw, db, dbias, accumulate=True):
             part = layernorm_backward(dout, x, w, mean, rstd, dres, a.partial, accumulate)
@@ -433,18 +463,25 @@ class TritonEngine:
             if self.recompute >= 1:
                 gelu_forward(a.fch[l], a.fch_gelu[l])
             g["fcprojw"][l].addmm_(dres.t(), a.fch_gelu[l])                # (C, 4C)
+            d8 = m and m.out(m.D, l)  # -f8 2: dfch in e5m2 too, for fc's input gradient
             if self.gelu_fusion >= 2:  # times GELU' in the epilogue; then fcb's gradient
                 # (cuBLASLt's DGELU_BGRAD measured 1.9x slower than DGELU + our column sums)
                 cublaslt.mm_dgelu(dres, p["fcprojw"][l], a.fch[l], a.dbt4c)
-                add_partials(gelu_backward(a.dbt4c, None, a.partial), g["fcb"][l])
+                add_partials(gelu_backward(a.dbt4c, None, a.partial, fp8=d8), g["fcb"][l])
             else:
                 torch.mm(dres, p["fcprojw"][l], out=a.dbt4c)               # (N, 4C)
-                add_partials(gelu_backward(a.dbt4c, a.fch[l], a.partial), g["fcb"][l])
+                add_partials(gelu_backward(a.dbt4c, a.fch[l], a.partial, fp8=d8),
+                             g["fcb"][l])
+            if m is not None:
+                m.measure(m.D, l, a.dbt4c)
             if self.recompute >= 2:
                 layernorm_forward(a.residual2[l], p["ln2w"][l], p["ln2b"][l], a.ln2[l],
                                   a.ln2_mean[l], a.ln2_rstd[l])
             g["fcw"][l].addmm_(a.dbt4c.t(), a.ln2[l])                      # (4C, C)
-            torch.mm(a.dbt4c, p["fcw"][l], out=dbtc)                       # (N, C)
+            if m is not None:
+                m.fc_input_grad(l, dbtc)                                   # (N, C)
+            else:
+                torch.mm(a.dbt4c, p["fcw"][l], out=dbtc)                   # (N, C)
             ln_backward(dbtc, a.residual2[l], p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l],
                         g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])
             # attention: attproj, attention, qkv, ln1
@@ -482,6 +519,7 @@ class TritonEngine:
 
     def zero_grad(self) -> None:
         self.grads.zero_()
+        self._measure_fwd = self._measure_bwd = True
 
     def grad_norm(self) -> float:
         buf = self.acts.sumsq if self.acts is not None else None
@@ -504,6 +542,7 @@ class TritonEngine:
         if t < 1:
             raise ValueError(f"triton engine: step t must be >= 1 (t = step + 1), got {t}")
         start, end = shard if shard is not None else (0, self.config.num_params)
+        self._measure_fwd = self._measure_bwd = True  # new weights: FP8 scales anew
         for i, name in enumerate(PARAM_NAMES):
             a, b = self.offsets[name]
             lo, hi = max(a, start), min(b, end)
@@ -613,6 +652,7 @@ class TritonEngine:
         """Master weights take the fp32 values exactly; bf16 parameters round to nearest."""
         f = self._flat_in(flat, "params")
         self.params.copy_(f)
+        self._measure_fwd = self._measure_bwd = True
         if self.master is not None:
             self.master.copy_(f)
 
