@@ -653,10 +653,10 @@ def _delayed(fp8, y, prev, dtype):
                                     "gelu_backward_sums"])
 def test_fp8_epilogues_write_what_quantize_defines(kernel):
     """layernorm_forward, gelu_forward and gelu_backward with an Fp8Out: their bf16 output
-    unchanged, and in FP8 the same bytes as torch's cast of output / (amax_prev / MAX),
-    saturating where the output passes amax_prev (a delayed scale can be too small: here
-    0.4 of the max), the scale a power of two; the programs' partial maxima, at most `programs` of them, give max
-    |output|; amax only read; the scale used stored."""
+    unchanged, and in FP8 the same bytes as torch's cast of output / scale, scale the
+    power of two >= amax / MAX, saturating where the output passes amax (a delayed scale
+    can be too small: here 0.4 of the max); the programs' partial maxima, at most
+    `programs` of them, give max |output|; amax only read; the scale used stored."""
     fp8 = _fp8()
     from llmpy.engines.triton.gelu import gelu_backward, gelu_forward
     from llmpy.engines.triton.layernorm import layernorm_forward

@@ -53,6 +53,20 @@ def row_tile(C: int, gpu_rows: int = 1) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _round_fp8(x, MANT: tl.constexpr, MIN_NORMAL: tl.constexpr):
+    # fp32 x rounded to nearest even as an FP8 value with MANT mantissa bits whose smallest
+    # normal number is MIN_NORMAL: normal numbers by the bit trick, smaller ones to
+    # multiples of MIN_NORMAL / 2^MANT by adding and taking away 1.5 * 2^23 times that
+    DROP: tl.constexpr = 23 - MANT
+    BIG: tl.constexpr = 1.5 * 8388608.0 * MIN_NORMAL / (1 << MANT)
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) >> DROP) << DROP
+    sub = (x + BIG) - BIG
+    sub = tl.where(sub == 0.0, x * 0.0, sub)  # zero keeps x's sign
+    return tl.where(tl.abs(x) < MIN_NORMAL, sub, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def to_dtype(x, dtype: tl.constexpr):
     """fp32 x -> dtype, rounding to nearest even. Written out for bf16, and for the two FP8
     types under the interpreter, because Triton's CPU interpreter rounds otherwise in its
@@ -66,18 +80,8 @@ def to_dtype(x, dtype: tl.constexpr):
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     elif dtype == tl.float8e5 and INTERPRETED:  # e5m2: 2 mantissa bits kept (the
         # interpreter's FP8 conversion loses the carry when rounding up crosses a power of 2)
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0xFFFFF + ((bits >> 21) & 1)) & 0xFFE00000
-        sub = (x + 192.0) - 192.0  # multiples of 2^-16 below 2^-14
-        sub = tl.where(sub == 0.0, x * 0.0, sub)  # zero keeps x's sign
-        return tl.where(tl.abs(x) < 2.0 ** -14, sub,
-                        bits.to(tl.float32, bitcast=True)).to(tl.float8e5)
+        return _round_fp8(x, 2, 2.0 ** -14).to(tl.float8e5)
     elif dtype == tl.float8e4nv and INTERPRETED:  # e4m3fn: 3 mantissa bits kept
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-        sub = (x + 24576.0) - 24576.0  # multiples of 2^-9 below 2^-6
-        sub = tl.where(sub == 0.0, x * 0.0, sub)  # zero keeps x's sign
-        return tl.where(tl.abs(x) < 2.0 ** -6, sub,
-                        bits.to(tl.float32, bitcast=True)).to(tl.float8e4nv)
+        return _round_fp8(x, 3, 2.0 ** -6).to(tl.float8e4nv)
     else:  # the GPU's FP8 conversions round to nearest even themselves
         return x.to(dtype)

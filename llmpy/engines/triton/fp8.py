@@ -1,6 +1,7 @@
 """The FP8 lm head (-f8 1): the tied classifier's three matmuls in FP8 through
 torch._scaled_mm (cuBLASLt), on GPUs with FP8 tensor cores (sm89+). Fp8Mlp at the end is
--f8 2's MLP, with the jit helpers that let other kernels write FP8 (fp8_store).
+-f8 2's MLP, with the jit helpers that let other kernels write FP8 (fp8_store,
+fp8_epilogue).
 
 The lm head's matmuls are the largest of GPT-2 small (at d12 about a third of a step's
 matmul time) and the one place where FP8 paid for its own quantization in
@@ -97,10 +98,21 @@ def fp8_store(out8_ptr, offs, mask, y, scale, MAXV: tl.constexpr):
     """What a kernel producing y (fp32 holding the bf16 values it stores) does to write y
     in FP8 too: stores y / scale in out8's type and returns this tile's max |y| (the kernel
     keeps the maximum over its tiles and stores it as its program's partial: no atomics,
-    which on one address serialized the programs, +0.16 ms per GELU call at d12)."""
+    as everywhere in the engine)."""
     tl.store(out8_ptr + offs, to_fp8(y, scale, out8_ptr.dtype.element_ty, MAXV, True),
              mask=mask)
     return tl.max(tl.where(mask, tl.abs(y), 0.0))
+
+
+@triton.jit
+def fp8_epilogue(out8_ptr, amax_ptr, part_ptr, scale_ptr, offs, mask, y, pid,
+                 MAXV: tl.constexpr):
+    """The whole FP8 output of a kernel whose program `pid` produced one tile y (fp32
+    holding bf16 values): y in FP8 with the delayed scale of amax, the program's max |y|
+    into part[pid], the scale into scale (by program 0)."""
+    scale = delayed_scale(amax_ptr, MAXV)
+    tl.store(part_ptr + pid, fp8_store(out8_ptr, offs, mask, y, scale, MAXV))
+    tl.store(scale_ptr, scale, mask=pid == 0)
 
 
 @triton.jit
@@ -354,6 +366,9 @@ class Fp8Mlp:
         self.part.zero_()
         self.partial = buf(AMAX_PROGRAMS, dtype=f32)
         self.measuring = True
+        # each kernel's Fp8Out per (kind, layer): fixed views, made once
+        self._outs = [[Fp8Out(b8, self.amax[k, l:l + 1], self.part[k, l], self.scales[2 + k, l])
+                       for l in range(L)] for k, b8 in enumerate((self.x8, self.h8, self.d8))]
 
     def begin(self, fresh: bool, p: dict) -> None:
         """At a training forward. If `fresh` (the first forward since the weights or the
@@ -370,17 +385,13 @@ class Fp8Mlp:
 
     def out(self, kind: int, l: int) -> Fp8Out | None:
         """The Fp8Out for the kernel producing `kind` of layer l (None when measuring)."""
-        if self.measuring:
-            return None
-        buf = (self.x8, self.h8, self.d8)[kind]
-        return Fp8Out(buf, self.amax[kind, l:l + 1], self.part[kind, l],
-                      self.scales[2 + kind, l])
+        return None if self.measuring else self._outs[kind][l]
 
     def measure(self, kind: int, l: int, x: torch.Tensor) -> None:
         """When measuring: quantize the bf16 x with its own amax, which is kept."""
         if self.measuring:
-            quantize(x, (self.x8, self.h8, self.d8)[kind], None, self.scales[2 + kind, l],
-                     self.partial, amax=self.amax[kind, l:l + 1], pow2_scale=True)
+            o = self._outs[kind][l]
+            quantize(x, o.out, None, o.scale, self.partial, amax=o.amax, pow2_scale=True)
 
     def fc(self, l: int, bias: torch.Tensor, out: torch.Tensor) -> None:
         torch._scaled_mm(self.x8, self.wfc[l].t(), self.scales[2, l], self.scales[0, l],

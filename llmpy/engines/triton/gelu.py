@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import check_device, interpreting, pow2, to_dtype
-from .fp8 import delayed_scale, fp8_args, fp8_store
+from .fp8 import delayed_scale, fp8_args, fp8_epilogue, fp8_store
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBE = 0.044715
@@ -61,10 +61,8 @@ def _gelu_forward_kernel(x_ptr, out_ptr, out8_ptr, amax_ptr, part_ptr, scale_ptr
     if STORE:
         tl.store(out_ptr + offs, y, mask=mask)
     if OUT8:  # the same values in FP8 for the fcproj matmul (-f8 2), with a delayed scale
-        scale = delayed_scale(amax_ptr, MAXV)
-        tl.store(part_ptr + tl.program_id(0),
-                 fp8_store(out8_ptr, offs, mask, y.to(tl.float32), scale, MAXV))
-        tl.store(scale_ptr, scale, mask=tl.program_id(0) == 0)
+        fp8_epilogue(out8_ptr, amax_ptr, part_ptr, scale_ptr, offs, mask, y.to(tl.float32),
+                     tl.program_id(0), MAXV)
 
 
 @triton.jit

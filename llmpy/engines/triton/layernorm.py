@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import check_device, interpreting, row_tile, to_dtype
-from .fp8 import delayed_scale, fp8_args, fp8_store
+from .fp8 import fp8_args, fp8_epilogue
 
 LN_EPS = 1e-5
 # GPU launch configurations (bench/triton_kernels.py sweeps them); num_warps 0 picks by C.
@@ -59,10 +59,8 @@ def _layernorm_forward_kernel(x_ptr, delta_ptr, xsum_ptr, out_ptr, w_ptr, b_ptr,
     y = to_dtype(xc * rstd[:, None] * w[None, :] + b[None, :], out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, y, mask=mask)
     if OUT8:  # the same values in FP8 for an FP8 matmul (-f8 2), with a delayed scale
-        scale = delayed_scale(amax_ptr, MAXV)
-        tl.store(part_ptr + tl.program_id(0),
-                 fp8_store(out8_ptr, offs, mask, y.to(tl.float32), scale, MAXV))
-        tl.store(scale_ptr, scale, mask=tl.program_id(0) == 0)
+        fp8_epilogue(out8_ptr, amax_ptr, part_ptr, scale_ptr, offs, mask, y.to(tl.float32),
+                     tl.program_id(0), MAXV)
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
