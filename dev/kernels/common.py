@@ -24,9 +24,11 @@ import triton
 import triton.language as tl
 
 from llmpy.engines.triton.common import interpreting, pow2, to_dtype
+from llmpy.engines.triton.fp8 import E4M3_MAX
 
 __all__ = ["FULL", "TINY", "Op", "Version", "versions_of", "generator", "randn", "tokens",
-           "rel_err", "np_rel", "dot", "dot_min", "interpreting", "pow2", "to_dtype"]
+           "rel_err", "np_rel", "dot", "dot_min", "interpreting", "pow2", "to_dtype",
+           "FP8_TOP", "E4M3_TOL", "AMAX_TOL", "to_top", "delayed_amax", "pow2_scale"]
 
 FULL = dict(B=8, T=1024, C=768, NH=12, V=50257, Vp=50304, maxT=1024, P=124_475_904)
 TINY = dict(B=2, T=37, C=100, NH=4, V=307, Vp=320, maxT=40, P=10_007)
@@ -118,6 +120,47 @@ def tokens(g: torch.Generator, n: int, V: int) -> torch.Tensor:
     ranks = torch.multinomial(p, n, replacement=True, generator=g)
     ids = torch.randperm(V, generator=g, device=g.device)   # frequent ids spread over V
     return ids[ranks].to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 outputs with a delayed scale (-f8 2: fp8.Fp8Out)
+#
+# A version writing its output in e4m3 takes an `amax` input, standing for the max |output|
+# of an earlier micro-step, and uses the scale pow2_scale(amax): the smallest power of two >=
+# amax / 448. Values above 448 * scale saturate at 448 (e4m3's largest). make() gives amax =
+# 0.9 max |output| (delayed_amax) and shapes its inputs so that max |output| is FP8_TOP =
+# 7.35 (to_top where the output is linear in an input; the GELU forward scales x): 0.9 of it
+# gives the scale 2^-6, 448 * 2^-6 = 7 < 7.35, so the largest values (|.| in (7, 7.35])
+# take the saturating path. Without the shaping nothing might saturate: rounded up to a power
+# of two, the scale puts 448 * scale anywhere in [amax, 2 amax), up to 1.8x max |output|.
+
+FP8_TOP = 7.35
+# e4m3 values against the float64 reference, relative to max |ref|: 3 mantissa bits round a
+# value by at most 2^-4 = 6.25% of it, after bf16's 2^-8 = 0.4%; the saturated ones (above
+# 7, max 7.35) by at most 0.35 / 7.35 = 4.8% of max |ref|
+E4M3_TOL = 0.075
+# max of the partial maxima (the bf16 values' max |.|) against the float64 max |out|: bf16
+# rounds it by at most 2^-8 = 3.9e-3, plus fp32's own error in computing the value
+AMAX_TOL = 5e-3
+
+
+def to_top(y: torch.Tensor) -> torch.Tensor:
+    """The factor (0-d fp32) that makes y's largest |value| -FP8_TOP: an op linear in an input
+    scales that input by it. Negative, so that a max taken without the abs misses it."""
+    return -FP8_TOP / y.flatten()[y.abs().argmax()].float()
+
+
+def delayed_amax(y: torch.Tensor) -> torch.Tensor:
+    """An FP8 version's amax input (1,) fp32: 0.9 of max |y|, y this call's output computed
+    in fp32 from the inputs, so that the saturating path runs (see FP8_TOP)."""
+    return (0.9 * y.float().abs().max()).reshape(1)
+
+
+def pow2_scale(amax: torch.Tensor, maxv: float = E4M3_MAX) -> torch.Tensor:
+    """The float64 reference of the engine's delayed scale (fp8.pow2_scale_of): the smallest
+    power of two >= amax / maxv, the quotient rounded once to fp32 as the kernel has it."""
+    r = (amax.double() / maxv).float().double()
+    return torch.where(r > 0, torch.exp2(torch.ceil(torch.log2(r))), torch.ones_like(r))
 
 
 # ----------------------------------------------------------------------------------------------

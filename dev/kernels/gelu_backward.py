@@ -11,6 +11,8 @@ bias gradient of the fc matmul whose output fed the GELU (checked here as dbias)
     version 2  1024 elements per program, 4 warps: 8 elements per lane, 16-byte vectors
     version 3  production: 2-D (rows x columns) tiles, and the fc bias gradient (column
                sums of dx) in the same pass
+    version 4  production into e4m3 (-f8 2): version 3 also writing dx in e4m3, with a
+               delayed power-of-two scale and one max |dx| per program
 
 Dimension legend: N rows (B*T), OC = 4C columns.
 """
@@ -23,8 +25,10 @@ import triton.language as tl
 
 from llmpy.engines.triton import gelu as engine
 from llmpy.engines.triton import reduce as engine_reduce
+from llmpy.engines.triton.fp8 import E4M3, Fp8Out
 
-from .common import Op, generator, np_rel, randn, to_dtype, versions_of
+from .common import (AMAX_TOL, E4M3_TOL, Op, Version, delayed_amax, generator, np_rel,
+                     pow2_scale, randn, to_dtype, to_top, versions_of)
 
 _gelu_grad = engine.gelu_grad  # gelu'(x), the engine's jit helper
 
@@ -46,7 +50,7 @@ def _launch(dout, x, block, warps):
     return dict(dx=dout)
 
 
-def version1(dout, x):
+def version1(dout, x, amax):
     """one element per lane: 128 elements per program, 4 warps
 
     llm.c's version 1: one thread per element, 2-byte accesses, 3 memory instructions per
@@ -54,7 +58,7 @@ def version1(dout, x):
     return _launch(dout, x, 128, 4)
 
 
-def version2(dout, x):
+def version2(dout, x, amax):
     """8 elements per lane: 1024 elements per program, 4 warps
 
     Each lane now owns 8 contiguous bf16 and moves them as one 16-byte vector per tensor
@@ -63,38 +67,80 @@ def version2(dout, x):
     return _launch(dout, x, 1024, 4)
 
 
-def production(dout, x):
+def production(dout, x, amax):
     """production (llmpy/engines/triton/gelu.py): 2-D tiles, fc bias gradient fused
 
     The engine's kernel: each program walks a block of rows of one column strip in 2-D tiles
     (sizes: the engine's GPU["backward"]) and keeps the column sums of the dx it writes;
     reduce.add_partials finishes the fc bias gradient. The same bytes as version 2, and the
     separate pass over dx that the bias gradient would otherwise need is saved."""
+    return _production(dout, x)
+
+
+def _production(dout, x, fp8=None):
     N, OC = dout.shape
     P = triton.cdiv(N, engine.gelu_backward_rows_per_prog(N))
     partial = torch.empty(P * OC, device=dout.device)
-    part = engine.gelu_backward(dout, x, partial)
+    sums = engine.gelu_backward(dout, x, partial, fp8=fp8)
     dbias = torch.zeros(OC, device=dout.device)
-    engine_reduce.add_partials(part, dbias)
+    engine_reduce.add_partials(sums, dbias)
     return dict(dx=dout, dbias=dbias)
 
 
-def unit(dout, x):
+def production_e4m3(dout, x, amax):
+    """production into e4m3 (-f8 2): v3 plus dx in e4m3, delayed pow2 scale
+
+    -f8 2 computes fc's input gradient dln2 = dfch @ fcw in FP8 (fp8.Fp8Mlp), with dfch, this
+    kernel's dx, in e4m3 (3 mantissa bits kept the engine's worst gradient nearer fp32 than
+    e5m2's 2). The kernel still writes dx in bf16 in place (fcw's gradient reads it) and its
+    column sums, and in the same pass each value times 1/scale in e4m3, saturating at 448:
+    one more byte per element (7 in all; the op's cost counts 6). The scale comes before
+    the values exist: a delayed scale, from amax (max |dx| of the micro-steps before in the
+    step), rounded up to a power of two so that dx / scale is an exact multiply by 2^-k
+    instead of a division per element. Each program keeps the max |dx| of its tiles and
+    stores it into part, folded into the next micro-step's amax: no atomics, no second pass
+    over dx. Partials sized by gelu_backward_programs (their NaN fill, one small kernel, is
+    timed too); decoded (e4m3 times the scale the kernel stored, max of the partials)
+    outside the timing."""
+    N, OC = dout.shape
+    q = torch.empty(N, OC, dtype=E4M3, device=dout.device)
+    scale = torch.empty(1, device=dout.device)
+    # NaN: a program that does not store its partial makes the max NaN (a failed check)
+    part = torch.full((engine.gelu_backward_programs(N, OC),), float("nan"), device=dout.device)
+    out = _production(dout, x, Fp8Out(q, amax, part, scale))
+    return dict(out, dx8=q, scale=scale, part=part)
+
+
+def decode_e4m3(out):
+    return dict(out, dx8=out["dx8"].float() * out["scale"], amax=out["part"].max().reshape(1))
+
+
+def unit(dout, x, amax):
     """torch.ops.aten.gelu_backward(approximate="tanh") (the unit)"""
     return dict(dx=torch.ops.aten.gelu_backward(dout, x, approximate="tanh"))
+
+
+def _dx32(dout, x):
+    return torch.ops.aten.gelu_backward(dout.float(), x.float(), approximate="tanh")
 
 
 def make(dims, device, seed):
     g = generator(device, seed)
     N, OC = dims["B"] * dims["T"], 4 * dims["C"]
-    return dict(dout=randn(g, N, OC), x=randn(g, N, OC, scale=2.0))
+    x = randn(g, N, OC, scale=2.0)
+    dout = randn(g, N, OC, dtype=torch.float32)
+    # the largest |dx| at -FP8_TOP (dx linear in dout), so that amax saturates (common.py)
+    dout = (dout * to_top(_dx32(dout, x))).to(torch.bfloat16)
+    return dict(dout=dout, x=x, amax=delayed_amax(_dx32(dout, x)))
 
 
-def reference(dout, x):
+def reference(dout, x, amax):
     xr = x.double().requires_grad_(True)
     with torch.enable_grad():
         torch.nn.functional.gelu(xr, approximate="tanh").backward(dout.double())
-    return dict(dx=xr.grad, dbias=xr.grad.sum(0))
+    dx = xr.grad
+    return dict(dx=dx, dbias=dx.sum(0), dx8=dx, amax=dx.abs().max().reshape(1),
+                scale=pow2_scale(amax))
 
 
 def numpy_check(inputs, ref):
@@ -110,7 +156,14 @@ def cost(dims, inputs):
 
 OP = Op(
     name="gelu_backward", make=make, reference=reference,
-    versions=versions_of(globals(), production, unit),
+    versions=versions_of(globals(), production, unit)[:-1]
+    # dx8, dx in e4m3: 3 mantissa bits round by at most 2^-4 of a value (after bf16's
+    # 2^-8); the values above 448 * 2^-6 = 7 clamp to 7, at most 0.35 / 7.35 = 4.8% of
+    # max |ref| (make() puts max |dx| at 7.35); amax: bf16 rounds the max by at most 2^-8;
+    # scale: exactly the power of two of amax (common.py)
+    + (Version("4", production_e4m3, "production", dict(dx8=E4M3_TOL, amax=AMAX_TOL, scale=0.0),
+               decode_e4m3),)
+    + versions_of(globals(), None, unit)[-1:],
     # dx: bf16 rounded once; dbias (production only): fp32 column sums of the bf16 dx,
     # whose rounding (2^-9 each, random) the float64 reference does not have
     tol=dict(dx=1e-2), optional_tol=dict(dbias=1e-2),

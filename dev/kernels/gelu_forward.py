@@ -8,6 +8,8 @@ write per element, so the only question is how close to the copy bandwidth it ge
     version 1  128 elements per program, 4 warps: one 2-byte element per lane
     version 2  production: thousands of elements per program: 8+ elements per lane, moved
                as 16-byte vectors
+    version 3  production into e4m3 (-f8 2): version 2 writing only an e4m3 copy of the
+               output, with a delayed power-of-two scale and one max |out| per program
 
 Dimension legend: N rows (B*T), OC = 4C columns.
 """
@@ -18,8 +20,10 @@ import torch
 import triton
 
 from llmpy.engines.triton import gelu as engine
+from llmpy.engines.triton.fp8 import E4M3, Fp8Out
 
-from .common import Op, generator, np_rel, randn, versions_of
+from .common import (AMAX_TOL, E4M3_TOL, FP8_TOP, Op, Version, delayed_amax, generator, np_rel,
+                     pow2_scale, randn, versions_of)
 
 
 # The kernel is the engine's (one element per lane of a block); what version 1 and the
@@ -28,7 +32,7 @@ _tanh = engine._tanh
 _gelu_kernel = engine._gelu_forward_kernel
 
 
-def version1(x):
+def version1(x, amax):
     """one element per lane: 128 elements per program, 4 warps
 
     llm.c's version 1: one thread per element. Every lane moves a single 2-byte bf16 each
@@ -43,7 +47,7 @@ def version1(x):
     return dict(out=out)
 
 
-def production(x):
+def production(x, amax):
     """production (llmpy/engines/triton/gelu.py): many elements per lane, 16-byte vectors
 
     The engine's kernel with its swept launch configuration (GPU["forward"]: thousands of
@@ -55,18 +59,50 @@ def production(x):
     return dict(out=out)
 
 
-def unit(x):
+def production_e4m3(x, amax):
+    """production into e4m3 (-f8 2): only e4m3 written, delayed pow2 scale
+
+    -f8 2 runs fcproj's matmul on gelu(fch) in e4m3 (fp8.Fp8Mlp), and at -r 1 and 2 (the
+    GELU recomputed in the backward) the engine writes only that copy: 1 byte per element
+    instead of 2 (the op's cost counts the bf16 write: 4 bytes per element where 3 move,
+    so its GB/s reads 4/3 of the true rate). Each value is rounded to bf16 as before, then
+    stored times 1/scale in e4m3, saturating at 448. The scale comes before the values
+    exist: a delayed scale, from amax (max |out| of the micro-steps before in the step),
+    rounded up to a power of two so that out / scale is an exact multiply by 2^-k (a
+    correctly rounded division per element made the kernel compute-bound). Each program
+    stores its own max |out| into part, folded into the next micro-step's amax: no
+    atomics, no second pass over the output. Partials sized by gelu_forward_programs (their
+    NaN fill, one small kernel, is timed too); decoded (e4m3 times the scale the kernel
+    stored, max of the partials) outside the timing."""
+    q = torch.empty(x.shape, dtype=E4M3, device=x.device)
+    scale = torch.empty(1, device=x.device)
+    # NaN: a program that does not store its partial makes the max NaN (a failed check)
+    part = torch.full((engine.gelu_forward_programs(x.numel()),), float("nan"), device=x.device)
+    engine.gelu_forward(x, None, fp8=Fp8Out(q, amax, part, scale))
+    return dict(out=q, scale=scale, part=part)
+
+
+def decode_e4m3(out):
+    return dict(out, out=out["out"].float() * out["scale"], amax=out["part"].max().reshape(1))
+
+
+def unit(x, amax):
     """torch.nn.functional.gelu(approximate="tanh") (the unit)"""
     return dict(out=torch.nn.functional.gelu(x, approximate="tanh"))
 
 
 def make(dims, device, seed):
     g = generator(device, seed)
-    return dict(x=randn(g, dims["B"] * dims["T"], 4 * dims["C"], scale=2.0))
+    x = randn(g, dims["B"] * dims["T"], 4 * dims["C"], dtype=torch.float32, scale=2.0)
+    # largest x (and gelu(x), ~x there) at FP8_TOP, so that amax saturates (common.py)
+    x = (x * (FP8_TOP / x.max())).to(torch.bfloat16)
+    out = torch.nn.functional.gelu(x.float(), approximate="tanh")
+    return dict(x=x, amax=delayed_amax(out))
 
 
-def reference(x):
-    return dict(out=torch.nn.functional.gelu(x.double(), approximate="tanh"))
+def reference(x, amax):
+    out = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    return dict(out=out, amax=out.abs().max().reshape(1), scale=pow2_scale(amax))
 
 
 def numpy_check(inputs, ref):
@@ -81,6 +117,13 @@ def cost(dims, inputs):
 
 OP = Op(
     name="gelu_forward", make=make, reference=reference,
-    versions=versions_of(globals(), production, unit),
+    versions=versions_of(globals(), production, unit)[:-1]
+    # out in e4m3: 3 mantissa bits round by at most 2^-4 of a value (after bf16's 2^-8);
+    # the values above 448 * 2^-6 = 7 clamp to 7, at most 0.35 / 7.35 = 4.8% of max |ref|
+    # (make() puts max |out| at 7.35); amax: bf16 rounds the max by at most 2^-8; scale:
+    # exactly the power of two of amax (common.py)
+    + (Version("3", production_e4m3, "production", dict(out=E4M3_TOL, amax=AMAX_TOL, scale=0.0),
+               decode_e4m3),)
+    + versions_of(globals(), None, unit)[-1:],
     tol=dict(out=1e-2),  # bf16 output, rounded once
     cost=cost, numpy_check=numpy_check, llmc="dev/cuda/gelu_forward.cu")

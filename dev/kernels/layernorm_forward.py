@@ -11,6 +11,9 @@ bus and how many kernels run.
     version 2  one kernel, two loops over the row in chunks: x read twice (2nd from cache)
     version 3  production: the whole row in registers, x read once
 
+The engine's e4m3 copy of a layernorm output (-f8 2: ln2 for the FP8 fc matmul) comes from
+the fused form: residual_layernorm_forward.py's version 3.
+
 Dimension legend: N rows (B*T), C channels.
 """
 

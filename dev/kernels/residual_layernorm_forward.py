@@ -9,6 +9,8 @@ the statistics. Memory-bound: two (N, C) reads and two (N, C) writes at best.
 
     version 1  two kernels: the add writes xsum, the layernorm reads it back (3 reads)
     version 2  production: one kernel, the sum stays in registers and is normalized there
+    version 3  production into e4m3 (-f8 2): version 2 also writing out in e4m3 (ln2 for the
+               FP8 fc matmul), with a delayed power-of-two scale and one max |out| per program
 
 Dimension legend: N rows (B*T), C channels.
 """
@@ -20,8 +22,10 @@ import triton
 import triton.language as tl
 
 from llmpy.engines.triton import layernorm as engine
+from llmpy.engines.triton.fp8 import E4M3, Fp8Out
 
-from .common import Op, generator, np_rel, randn, to_dtype, versions_of
+from .common import (AMAX_TOL, E4M3_TOL, Op, Version, delayed_amax, generator, np_rel,
+                     pow2_scale, randn, to_dtype, to_top, versions_of)
 
 EPS = 1e-5
 
@@ -41,7 +45,7 @@ def _outputs(residual):
             torch.empty(N, device=residual.device), torch.empty(N, device=residual.device))
 
 
-def version1(residual, delta, w, b):
+def version1(residual, delta, w, b, amax):
     """two kernels: residual add (writes xsum), then layernorm (reads it back)
 
     Each op on its own, as an unfused model runs them: the elementwise add writes the
@@ -56,7 +60,7 @@ def version1(residual, delta, w, b):
     return dict(xsum=xsum, out=out, mean=mean, rstd=rstd)
 
 
-def production(residual, delta, w, b):
+def production(residual, delta, w, b, amax):
     """production (llmpy/engines/triton/layernorm.py, fused form): add and normalize in one
 
     The engine's kernel with delta given: the sum is rounded to bf16 and stored (that is the
@@ -67,7 +71,38 @@ def production(residual, delta, w, b):
     return dict(xsum=xsum, out=out, mean=mean, rstd=rstd)
 
 
-def unit(residual, delta, w, b):
+def production_e4m3(residual, delta, w, b, amax):
+    """production into e4m3 (-f8 2): v2 plus out in e4m3, delayed pow2 scale
+
+    -f8 2 runs the fc matmul on ln2 in e4m3 (fp8.Fp8Mlp), and ln2 is this fused kernel's
+    output (residual2 = residual + attproj's output, then ln2w/ln2b): the bf16 out stays
+    (fcw's gradient reads it), and in the same pass each value times 1/scale is stored in
+    e4m3, saturating at 448: one more byte per element (9 per (N, C) entry, the op's cost
+    counts 8).
+    The scale comes before the values exist: a delayed scale, from amax (max |out| of the
+    micro-steps before in the step), rounded up to a power of two so that out / scale is
+    an exact multiply by 2^-k instead of a division per element. Each program stores the
+    max |out| of its rows into part, folded into the next micro-step's amax: no atomics, no
+    second pass over out. Partials sized by layernorm_forward_programs (their NaN fill, one
+    small kernel, is timed too); decoded (e4m3 times the scale the kernel stored, max of
+    the partials) outside the timing."""
+    xsum, out, mean, rstd = _outputs(residual)
+    N, C = residual.shape
+    q = torch.empty(N, C, dtype=E4M3, device=residual.device)
+    scale = torch.empty(1, device=residual.device)
+    # NaN: a program that does not store its partial makes the max NaN (a failed check)
+    part = torch.full((engine.layernorm_forward_programs(N, C),), float("nan"),
+                      device=residual.device)
+    engine.layernorm_forward(residual, w, b, out, mean, rstd, delta=delta, xsum=xsum,
+                             fp8=Fp8Out(q, amax, part, scale))
+    return dict(xsum=xsum, out=out, mean=mean, rstd=rstd, out8=q, scale=scale, part=part)
+
+
+def decode_e4m3(out):
+    return dict(out, out8=out["out8"].float() * out["scale"], amax=out["part"].max().reshape(1))
+
+
+def unit(residual, delta, w, b, amax):
     """torch: residual + delta, then torch.native_layer_norm (the unit)"""
     xsum = residual + delta
     C = xsum.shape[1]
@@ -79,19 +114,32 @@ def unit(residual, delta, w, b):
     return dict(xsum=xsum, out=out, mean=mean.view(-1), rstd=rstd.view(-1))
 
 
+def _out32(residual, delta, w, b):
+    xsum = (residual.float() + delta.float()).to(torch.bfloat16).float()
+    return torch.nn.functional.layer_norm(xsum, (xsum.shape[1],), w.float(), b.float(), EPS)
+
+
 def make(dims, device, seed):
     g = generator(device, seed)
     N, C = dims["B"] * dims["T"], dims["C"]
-    return dict(residual=randn(g, N, C, scale=2.0, shift=0.5), delta=randn(g, N, C),
-                w=randn(g, C, scale=0.5, shift=1.0), b=randn(g, C, scale=0.1))
+    residual, delta = randn(g, N, C, scale=2.0, shift=0.5), randn(g, N, C)
+    w = randn(g, C, dtype=torch.float32, scale=0.5, shift=1.0)
+    b = randn(g, C, dtype=torch.float32, scale=0.1)
+    # the largest |out| at -FP8_TOP (out linear in w and b), so that amax saturates (common.py)
+    k = to_top(_out32(residual, delta, w, b))
+    w, b = (w * k).to(torch.bfloat16), (b * k).to(torch.bfloat16)
+    return dict(residual=residual, delta=delta, w=w, b=b,
+                amax=delayed_amax(_out32(residual, delta, w, b)))
 
 
-def reference(residual, delta, w, b):
+def reference(residual, delta, w, b, amax):
     xsum = (residual.double() + delta.double()).to(torch.bfloat16).double()  # rounded once
     w, b = w.double(), b.double()
     mean = xsum.mean(-1, keepdim=True)
     rstd = 1.0 / torch.sqrt(((xsum - mean) ** 2).mean(-1, keepdim=True) + EPS)
-    return dict(xsum=xsum, out=(xsum - mean) * rstd * w + b, mean=mean[:, 0], rstd=rstd[:, 0])
+    out = (xsum - mean) * rstd * w + b
+    return dict(xsum=xsum, out=out, mean=mean[:, 0], rstd=rstd[:, 0], out8=out,
+                amax=out.abs().max().reshape(1), scale=pow2_scale(amax))
 
 
 def numpy_check(inputs, ref):
@@ -110,7 +158,14 @@ def cost(dims, inputs):
 
 OP = Op(
     name="residual_layernorm_forward", make=make, reference=reference,
-    versions=versions_of(globals(), production, unit),
+    versions=versions_of(globals(), production, unit)[:-1]
+    # out8, out in e4m3: 3 mantissa bits round by at most 2^-4 of a value (after bf16's
+    # 2^-8); the values above 448 * 2^-6 = 7 clamp to 7, at most 0.35 / 7.35 = 4.8% of
+    # max |ref| (make() puts max |out| at 7.35); amax: bf16 rounds the max by at most 2^-8;
+    # scale: exactly the power of two of amax (common.py)
+    + (Version("3", production_e4m3, "production", dict(out8=E4M3_TOL, amax=AMAX_TOL, scale=0.0),
+               decode_e4m3),)
+    + versions_of(globals(), None, unit)[-1:],
     # xsum, out: bf16 rounded once (xsum bit-exact in practice); mean/rstd: fp32 sums
     tol=dict(xsum=1e-2, out=1e-2, mean=1e-4, rstd=1e-4),
     cost=cost, numpy_check=numpy_check, llmc="dev/cuda/fused_residual_forward.cu")
