@@ -118,7 +118,7 @@ class Activations:
         # (N, Vp), becomes dlogits; the FP8 head has chunk buffers instead (fp8.py)
         self.head = fp8_mod.Fp8Head(N, C, Vp, buf) if fp8 else None
         self.logits = None if fp8 else buf(N, Vp)
-        # -f8 2: the MLP's FP8 buffers (e4m3 weights, e4m3/e5m2 activations, scales)
+        # -f8 2: the MLP's FP8 buffers (e4m3 weights, activations and dfch; scales)
         self.mlp8 = fp8_mod.Fp8Mlp(
             L, N, C, max(layernorm_forward_programs(N, C), gelu_forward_programs(4 * N * C),
                          gelu_backward_programs(N, 4 * C)), buf) if fp8 >= 2 else None
@@ -463,7 +463,7 @@ class TritonEngine:
             if self.recompute >= 1:
                 gelu_forward(a.fch[l], a.fch_gelu[l])
             g["fcprojw"][l].addmm_(dres.t(), a.fch_gelu[l])                # (C, 4C)
-            d8 = m and m.out(m.D, l)  # -f8 2: dfch in e5m2 too, for fc's input gradient
+            d8 = m and m.out(m.D, l)  # -f8 2: dfch in e4m3 too, for fc's input gradient
             if self.gelu_fusion >= 2:  # times GELU' in the epilogue; then fcb's gradient
                 # (cuBLASLt's DGELU_BGRAD measured 1.9x slower than DGELU + our column sums)
                 cublaslt.mm_dgelu(dres, p["fcprojw"][l], a.fch[l], a.dbt4c)
