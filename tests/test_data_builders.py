@@ -613,3 +613,47 @@ def test_fineweb_too_little_text_for_a_train_shard(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     assert "fill only the val shard fineweb_val_000000.bin" in r.stderr
     assert "no train shard" in r.stderr and "--shard-size" in r.stderr
+
+
+def test_code_shards_as_typed(tmp_path):
+    """bench/code_shards.py: every .py file under --root (site-packages left out) in the two
+    shards, each once, whole, and followed by <|endoftext|>; the val shard first in the
+    shuffled order; an OUT_DIR that already has the shards is refused (exit 2, one line,
+    nothing rewritten)."""
+    root = tmp_path / "src"
+    texts = {}
+    for i, name in enumerate(["a.py", "pkg/b.py", "pkg/c.py", "d.py"]):
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        texts[name] = f"def f{i}(x):\n    return x * {i}  # naïve 東京\n" * (i + 1)
+        p.write_text(texts[name], encoding="utf-8")
+    (root / "site-packages").mkdir()
+    (root / "site-packages" / "skip.py").write_text("import nothing\n")
+    (root / "notes.txt").write_text("not python\n")
+    out = tmp_path / "out"
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "code_shards.py")
+    cmd = [sys.executable, script, str(out), "--root", str(root), "--val-tokens", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tok = get_tokenizer()
+    val, train = (list(open_shard(out / f"code_{s}.bin")) for s in ("val", "train"))
+    docs = []
+    for ids in (val, train):
+        assert ids and ids[-1] == EOT
+        doc = []
+        for t in ids:
+            if t == EOT:
+                docs.append(tok.decode(doc))
+                doc = []
+            else:
+                doc.append(t)
+    assert len(docs) == 4 and sorted(docs) == sorted(texts.values())
+    assert val.count(EOT) == 1  # one whole file reaches --val-tokens 1
+    before = (out / "code_val.bin").read_bytes()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "code_train.bin exists" in r.stderr
+    assert (out / "code_val.bin").read_bytes() == before
+    r = subprocess.run(cmd[:2] + [str(tmp_path / "o2"), "--root", str(tmp_path / "none")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--root" in r.stderr and not (tmp_path / "o2").exists()

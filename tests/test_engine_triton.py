@@ -787,3 +787,36 @@ def test_fp8_mlp_state_round_trip_continues_bit_exactly():
     b.set_optimizer_state(state["m"], state["v"], state["master"])
     assert run(b, 2, start=2) == tail_a
     assert np.array_equal(a.get_params(), b.get_params())
+
+
+def test_fp8_loss_bench_compares_each_mode_with_one_bf16_run(capsys, monkeypatch):
+    """bench/fp8_loss.py --fp8 1,2: one -f8 0 run, one run per mode, each mode's differences
+    against the bf16 run (the runs are `llmpy train` on a GPU, so mocked here with known
+    losses); exit 1 when a mode's mean |diff| over the last quarter passes --tol; a bad
+    --fp8 exits 2 with one line."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "fp8_loss.py"
+    spec = importlib.util.spec_from_file_location("fp8_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    offset = {0: 0.0, 1: 0.01, 2: -0.05}
+    calls = []
+
+    def run(out, args, fp8):
+        calls.append(fp8)
+        train = [(5.0 - 0.01 * s + offset[fp8], 1.0 + fp8) for s in range(args.steps)]
+        return train, [(s, 4.0 + offset[fp8]) for s in range(0, args.steps, args.val_every)]
+    monkeypatch.setattr(bench, "run", run)
+    argv = ["-x", "40", "-v", "20", "--every", "10", "--tol", "0.02"]
+    assert bench.main(argv + ["--fp8", "1"]) == 0 and calls == [0, 1]
+    out = capsys.readouterr().out
+    assert "-f8 1, last 10 steps: mean |diff| 0.0100, mean diff +0.0100" in out
+    calls.clear()
+    assert bench.main(argv + ["--fp8", "1,2"]) == 1 and calls == [0, 1, 2]  # -f8 2 off by 0.05
+    out = capsys.readouterr().out
+    assert "-f8 2, last 10 steps: mean |diff| 0.0500, mean diff -0.0500" in out
+    assert "val at step 20: bf16 4.0000  -f8 1 4.0100 (+0.0100)  -f8 2 3.9500 (-0.0500)" in out
+    for bad in ("3", "1,1", ""):
+        assert bench.main(argv + ["--fp8", bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
