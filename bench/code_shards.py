@@ -6,8 +6,9 @@ two runs can differ by how soon they memorize. No network needed.
     python bench/code_shards.py OUT_DIR [--root DIR ...] [--max-tokens 20000000]
 
 Writes OUT_DIR/code_val.bin (the first --val-tokens tokens' worth of whole files, after a
-seeded shuffle of the file list) and OUT_DIR/code_train.bin (the rest, up to --max-tokens),
-llm.c's shard format, each file's tokens followed by <|endoftext|>. Refuses an OUT_DIR
+seeded shuffle of the file list) and OUT_DIR/code_train.bin (the files after those, up to the
+first that would pass --max-tokens), llm.c's shard format, each file whole and followed by
+<|endoftext|>. Refuses an OUT_DIR
 that already has either file.
 """
 
@@ -48,6 +49,15 @@ def main(argv=None) -> int:
     ap.add_argument("--val-tokens", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
+    for name in ("max_tokens", "val_tokens"):
+        if getattr(args, name) < 1:
+            print(f"code_shards: --{name.replace('_', '-')} {getattr(args, name)}: expected a "
+                  f"positive number of tokens", file=sys.stderr)
+            return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"code_shards: OUT_DIR {args.out} is a file; expected a folder (new or "
+              f"without code_*.bin)", file=sys.stderr)
+        return 2
     roots = args.root or [default_root()]
     for r in roots:
         if not r.is_dir():
@@ -65,18 +75,21 @@ def main(argv=None) -> int:
         return 2
     random.Random(args.seed).shuffle(files)
     tok = get_tokenizer()
-    val, train = [], []
+    val, train, used = [], [], 0
     for f in files:
         ids = tok.encode(f.read_text(encoding="utf-8", errors="replace")) + [tok.eot]
-        dest = val if len(val) < args.val_tokens else train
-        dest += ids
-        if len(train) >= args.max_tokens:
+        if len(val) < args.val_tokens:
+            val += ids
+        elif len(train) + len(ids) <= args.max_tokens:  # whole files only
+            train += ids
+        else:
             break
+        used += 1
     args.out.mkdir(parents=True, exist_ok=True)
     write_shard(val_path, val)
-    write_shard(train_path, train[:args.max_tokens])
-    print(f"{len(files)} files under {', '.join(map(str, roots))}: {val_path} {len(val):,} "
-          f"tokens, {train_path} {min(len(train), args.max_tokens):,} tokens")
+    write_shard(train_path, train)
+    print(f"{used} of {len(files)} files under {', '.join(map(str, roots))}: {val_path} "
+          f"{len(val):,} tokens, {train_path} {len(train):,} tokens")
     return 0
 
 

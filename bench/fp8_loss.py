@@ -64,6 +64,14 @@ def main(argv=None) -> int:
         print(f"fp8_loss: --fp8 {args.fp8!r}: expected 1, 2 or 1,2", file=sys.stderr)
         return 2
     fp8s = [int(f) for f in fp8s]
+    if (args.train is None) != (args.val is None):
+        print(f"fp8_loss: -i {args.train} -j {args.val}: expected both (train and val shards) "
+              f"or neither (tinyshakespeare)", file=sys.stderr)
+        return 2
+    if args.steps < 4:
+        print(f"fp8_loss: -x {args.steps}: expected at least 4 steps (the comparison is over "
+              f"the last quarter)", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run(Path(tmp) / f"f8_{f}", args, f) for f in [0] + fp8s]
     (b_train, b_val), others = runs[0], runs[1:]

@@ -657,3 +657,18 @@ def test_code_shards_as_typed(tmp_path):
     r = subprocess.run(cmd[:2] + [str(tmp_path / "o2"), "--root", str(tmp_path / "none")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--root" in r.stderr and not (tmp_path / "o2").exists()
+    for bad in (["--max-tokens", "0"], ["--val-tokens", "-1"]):
+        r = subprocess.run(cmd[:2] + [str(tmp_path / "o3"), "--root", str(root)] + bad,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and bad[0] in r.stderr and not (tmp_path / "o3").exists()
+    r = subprocess.run(cmd[:2] + [str(root / "a.py"), "--root", str(root)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is a file" in r.stderr
+    assert (root / "a.py").read_text(encoding="utf-8") == texts["a.py"]
+    # --max-tokens keeps whole files only: the train shard still ends each file with EOT
+    small = tmp_path / "small"
+    r = subprocess.run(cmd[:2] + [str(small), "--root", str(root), "--val-tokens", "1",
+                                  "--max-tokens", "60"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    train = list(open_shard(small / "code_train.bin"))
+    assert 0 < len(train) <= 60 and train[-1] == EOT

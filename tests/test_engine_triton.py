@@ -817,6 +817,8 @@ def test_fp8_loss_bench_compares_each_mode_with_one_bf16_run(capsys, monkeypatch
     out = capsys.readouterr().out
     assert "-f8 2, last 10 steps: mean |diff| 0.0500, mean diff -0.0500" in out
     assert "val at step 20: bf16 4.0000  -f8 1 4.0100 (+0.0100)  -f8 2 3.9500 (-0.0500)" in out
-    for bad in ("3", "1,1", ""):
-        assert bench.main(argv + ["--fp8", bad]) == 2
+    calls.clear()
+    for bad in (["--fp8", "3"], ["--fp8", "1,1"], ["--fp8", ""], ["-i", "t.bin"], ["-x", "3"]):
+        assert bench.main(argv + bad) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert calls == []  # refused before any run

@@ -28,7 +28,6 @@ from .common import (AMAX_TOL, E4M3_TOL, FP8_TOP, Op, Version, delayed_amax, gen
 
 # The kernel is the engine's (one element per lane of a block); what version 1 and the
 # production version differ in is only the launch: how many elements each program owns.
-_tanh = engine._tanh
 _gelu_kernel = engine._gelu_forward_kernel
 
 

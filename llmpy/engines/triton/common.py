@@ -69,13 +69,16 @@ def _round_fp8(x, MANT: tl.constexpr, MIN_NORMAL: tl.constexpr):
 @triton.jit
 def to_dtype(x, dtype: tl.constexpr):
     """fp32 x -> dtype, rounding to nearest even. The GPU's conversions (cvt.rn) do that
-    themselves; Triton's CPU interpreter rounds otherwise in its own conversions, so under
-    it bf16 and the two FP8 types are rounded here first and the value handed to the final
-    cast is exact. (The bit ops cost the ALU-bound GELU kernel 0.014 ms per call at d12 on
-    an H200, 0.03 when it writes FP8, so the GPU goes without.) FP8 callers keep x inside
-    the type's finite range (fp8.to_fp8 clamps). Below FP8's smallest normal number the
-    spacing is fixed (2^-9 for e4m3, 2^-16 for e5m2): adding and taking away 1.5 * 2^23
-    times that spacing rounds to it, to nearest even, in fp32 itself."""
+    themselves (to FP8 on sm90; on sm89 Triton up to 3.6 goes through f16 rounded toward
+    zero first, so an fp32 value that is not an f16 one can round twice). Triton's CPU
+    interpreter rounds otherwise in its own conversions, so under it bf16 and the two FP8
+    types are rounded here first and the value handed to the final cast is exact. (The bit
+    ops cost the ALU-bound GELU kernel 0.014 ms per call at d12 on an H200, 0.03 when it
+    writes FP8, so the GPU goes without.) FP8 callers keep x inside the type's finite range
+    (fp8.to_fp8 clamps, or leaves it to e4m3's saturating conversion on the GPU). Below
+    FP8's smallest normal number the spacing is fixed (2^-9 for e4m3, 2^-16 for e5m2):
+    adding and taking away 1.5 * 2^23 times that spacing rounds to it, to nearest even, in
+    fp32 itself."""
     if dtype == tl.bfloat16 and INTERPRETED:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -85,5 +88,5 @@ def to_dtype(x, dtype: tl.constexpr):
         return _round_fp8(x, 2, 2.0 ** -14).to(tl.float8e5)
     elif dtype == tl.float8e4nv and INTERPRETED:  # e4m3fn: 3 mantissa bits kept
         return _round_fp8(x, 3, 2.0 ** -6).to(tl.float8e4nv)
-    else:  # the GPU rounds to nearest even itself
+    else:  # the GPU rounds to nearest even itself (FP8 on sm89: see above)
         return x.to(dtype)

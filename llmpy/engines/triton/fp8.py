@@ -79,8 +79,10 @@ def to_fp8(x, scale, dtype: tl.constexpr, MAXV: tl.constexpr, POW2: tl.constexpr
     """fp32 x -> x / scale in FP8 `dtype`, rounded to nearest even, saturating at +-MAXV
     (values above the scale's amax, which a delayed scale can meet). POW2: scale is a
     power of two, and x / scale is x times its exact reciprocal (its exponent negated).
-    On the GPU, e4m3's conversion saturates by itself (cvt.rn.satfinite.e4m3x2.f32), so
-    the clamp is left to the interpreter and e5m2 (0.025 ms of GELU's 0.3 per call)."""
+    On the GPU, e4m3's conversion saturates by itself (its last instruction is a
+    cvt.rn.satfinite, on sm89 and sm90), so the clamp is left to the interpreter and e5m2
+    (0.025 ms of GELU's 0.3 per call; older Triton emulates e5m2 on sm89 unsaturated). The
+    e5m2 clamp turns NaN into -MAXV; e4m3 keeps NaN, as the interpreter does."""
     if POW2:
         inv = ((254 << 23) - scale.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
         v = x * inv
