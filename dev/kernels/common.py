@@ -24,11 +24,11 @@ import triton
 import triton.language as tl
 
 from llmpy.engines.triton.common import interpreting, pow2, to_dtype
-from llmpy.engines.triton.fp8 import E4M3_MAX
+from llmpy.engines.triton.fp8 import E4M3, E4M3_MAX, Fp8Out
 
 __all__ = ["FULL", "TINY", "Op", "Version", "versions_of", "generator", "randn", "tokens",
            "rel_err", "np_rel", "dot", "dot_min", "interpreting", "pow2", "to_dtype",
-           "FP8_TOP", "E4M3_TOL", "AMAX_TOL", "to_top", "delayed_amax", "pow2_scale"]
+           "FP8_TOP", "to_top", "delayed_amax", "pow2_scale", "e4m3_out", "e4m3_version"]
 
 FULL = dict(B=8, T=1024, C=768, NH=12, V=50257, Vp=50304, maxT=1024, P=124_475_904)
 TINY = dict(B=2, T=37, C=100, NH=4, V=307, Vp=320, maxT=40, P=10_007)
@@ -127,7 +127,11 @@ def tokens(g: torch.Generator, n: int, V: int) -> torch.Tensor:
 #
 # A version writing its output in e4m3 takes an `amax` input, standing for the max |output|
 # of an earlier micro-step, and uses the scale pow2_scale(amax): the smallest power of two >=
-# amax / 448. Values above 448 * scale saturate at 448 (e4m3's largest). make() gives amax =
+# amax / 448 (a power of two, so that dividing by it is an exact multiply: a correctly
+# rounded division per element made the GELU kernel compute-bound), and each program stores
+# the max |output| of its own tiles as one partial (no atomics, no second pass), folded into
+# the next micro-step's amax. Values above 448 * scale saturate at 448 (e4m3's largest).
+# make() gives amax =
 # 0.9 max |output| (delayed_amax) and shapes its inputs so that max |output| is FP8_TOP =
 # 7.35 (to_top where the output is linear in an input; the GELU forward scales x): 0.9 of it
 # gives the scale 2^-6, 448 * 2^-6 = 7 < 7.35, so the largest values (|.| in (7, 7.35])
@@ -154,6 +158,30 @@ def delayed_amax(y: torch.Tensor) -> torch.Tensor:
     """An FP8 version's amax input (1,) fp32: 0.9 of max |y|, y this call's output computed
     in fp32 from the inputs, so that the saturating path runs (see FP8_TOP)."""
     return (0.9 * y.float().abs().max()).reshape(1)
+
+
+def e4m3_out(shape, programs: int, amax: torch.Tensor) -> Fp8Out:
+    """Where an FP8 version writes: e4m3 values, amax (read), `programs` partial maxima
+    filled with NaN (a program that does not store its own makes their max NaN: a failed
+    check; the fill, one small kernel, is timed with the version) and the scale used."""
+    dev = amax.device
+    return Fp8Out(torch.empty(shape, dtype=E4M3, device=dev), amax,
+                  torch.full((programs,), float("nan"), device=dev),
+                  torch.empty(1, device=dev))
+
+
+def e4m3_version(name: str, fn, key: str) -> "Version":
+    """The Version of an op's FP8 production version: fn returns, besides the op's outputs,
+    `key` (the e4m3 values), "scale" and "part" (an e4m3_out's); decoded outside the timing
+    into key = e4m3 times the scale the kernel stored and amax = the max of the partials,
+    which the reference gives as its output in float64 and max |output|, and "scale" as
+    pow2_scale(amax). Tolerances: E4M3_TOL for the values, AMAX_TOL for amax, the scale
+    exact."""
+    def decode(out):
+        return dict(out, **{key: out[key].float() * out["scale"],
+                            "amax": out["part"].max().reshape(1)})
+    return Version(name, fn, "production", {key: E4M3_TOL, "amax": AMAX_TOL, "scale": 0.0},
+                   decode)
 
 
 def pow2_scale(amax: torch.Tensor, maxv: float = E4M3_MAX) -> torch.Tensor:

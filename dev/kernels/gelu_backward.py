@@ -25,10 +25,9 @@ import triton.language as tl
 
 from llmpy.engines.triton import gelu as engine
 from llmpy.engines.triton import reduce as engine_reduce
-from llmpy.engines.triton.fp8 import E4M3, Fp8Out
 
-from .common import (AMAX_TOL, E4M3_TOL, Op, Version, delayed_amax, generator, np_rel,
-                     pow2_scale, randn, to_dtype, to_top, versions_of)
+from .common import (Op, delayed_amax, e4m3_out, e4m3_version, generator, np_rel, pow2_scale,
+                     randn, to_dtype, to_top, versions_of)
 
 _gelu_grad = engine.gelu_grad  # gelu'(x), the engine's jit helper
 
@@ -94,25 +93,12 @@ def production_e4m3(dout, x, amax):
     kernel's dx, in e4m3 (3 mantissa bits kept the engine's worst gradient nearer fp32 than
     e5m2's 2). The kernel still writes dx in bf16 in place (fcw's gradient reads it) and its
     column sums, and in the same pass each value times 1/scale in e4m3, saturating at 448:
-    one more byte per element (7 in all; the op's cost counts 6). The scale comes before
-    the values exist: a delayed scale, from amax (max |dx| of the micro-steps before in the
-    step), rounded up to a power of two so that dx / scale is an exact multiply by 2^-k
-    instead of a division per element. Each program keeps the max |dx| of its tiles and
-    stores it into part, folded into the next micro-step's amax: no atomics, no second pass
-    over dx. Partials sized by gelu_backward_programs (their NaN fill, one small kernel, is
-    timed too); decoded (e4m3 times the scale the kernel stored, max of the partials)
-    outside the timing."""
+    one more byte per element (7 in all; the op's cost counts 6). The scale is delayed,
+    a power of two from amax, and each program stores its own max |dx| (common.py's FP8
+    block says why)."""
     N, OC = dout.shape
-    q = torch.empty(N, OC, dtype=E4M3, device=dout.device)
-    scale = torch.empty(1, device=dout.device)
-    # NaN: a program that does not store its partial makes the max NaN (a failed check)
-    part = torch.full((engine.gelu_backward_programs(N, OC),), float("nan"), device=dout.device)
-    out = _production(dout, x, Fp8Out(q, amax, part, scale))
-    return dict(out, dx8=q, scale=scale, part=part)
-
-
-def decode_e4m3(out):
-    return dict(out, dx8=out["dx8"].float() * out["scale"], amax=out["part"].max().reshape(1))
+    f = e4m3_out((N, OC), engine.gelu_backward_programs(N, OC), amax)
+    return dict(_production(dout, x, f), dx8=f.out, scale=f.scale, part=f.partial)
 
 
 def unit(dout, x, amax):
@@ -157,13 +143,7 @@ def cost(dims, inputs):
 OP = Op(
     name="gelu_backward", make=make, reference=reference,
     versions=versions_of(globals(), production, unit)[:-1]
-    # dx8, dx in e4m3: 3 mantissa bits round by at most 2^-4 of a value (after bf16's
-    # 2^-8); the values above 448 * 2^-6 = 7 clamp to 7, at most 0.35 / 7.35 = 4.8% of
-    # max |ref| (make() puts max |dx| at 7.35); amax: bf16 rounds the max by at most 2^-8;
-    # scale: exactly the power of two of amax (common.py)
-    + (Version("4", production_e4m3, "production", dict(dx8=E4M3_TOL, amax=AMAX_TOL, scale=0.0),
-               decode_e4m3),)
-    + versions_of(globals(), None, unit)[-1:],
+    + (e4m3_version("4", production_e4m3, "dx8"),) + versions_of(globals(), None, unit)[-1:],
     # dx: bf16 rounded once; dbias (production only): fp32 column sums of the bf16 dx,
     # whose rounding (2^-9 each, random) the float64 reference does not have
     tol=dict(dx=1e-2), optional_tol=dict(dbias=1e-2),

@@ -20,9 +20,8 @@ import torch
 import triton
 
 from llmpy.engines.triton import gelu as engine
-from llmpy.engines.triton.fp8 import E4M3, Fp8Out
 
-from .common import (AMAX_TOL, E4M3_TOL, FP8_TOP, Op, Version, delayed_amax, generator, np_rel,
+from .common import (FP8_TOP, Op, delayed_amax, e4m3_out, e4m3_version, generator, np_rel,
                      pow2_scale, randn, versions_of)
 
 
@@ -65,24 +64,12 @@ def production_e4m3(x, amax):
     GELU recomputed in the backward) the engine writes only that copy: 1 byte per element
     instead of 2 (the op's cost counts the bf16 write: 4 bytes per element where 3 move,
     so its GB/s reads 4/3 of the true rate). Each value is rounded to bf16 as before, then
-    stored times 1/scale in e4m3, saturating at 448. The scale comes before the values
-    exist: a delayed scale, from amax (max |out| of the micro-steps before in the step),
-    rounded up to a power of two so that out / scale is an exact multiply by 2^-k (a
-    correctly rounded division per element made the kernel compute-bound). Each program
-    stores its own max |out| into part, folded into the next micro-step's amax: no
-    atomics, no second pass over the output. Partials sized by gelu_forward_programs (their
-    NaN fill, one small kernel, is timed too); decoded (e4m3 times the scale the kernel
-    stored, max of the partials) outside the timing."""
-    q = torch.empty(x.shape, dtype=E4M3, device=x.device)
-    scale = torch.empty(1, device=x.device)
-    # NaN: a program that does not store its partial makes the max NaN (a failed check)
-    part = torch.full((engine.gelu_forward_programs(x.numel()),), float("nan"), device=x.device)
-    engine.gelu_forward(x, None, fp8=Fp8Out(q, amax, part, scale))
-    return dict(out=q, scale=scale, part=part)
-
-
-def decode_e4m3(out):
-    return dict(out, out=out["out"].float() * out["scale"], amax=out["part"].max().reshape(1))
+    stored times 1/scale in e4m3, saturating at 448, with a delayed power-of-two scale
+    from amax and one max |out| per program (common.py's FP8 block says why: an exact
+    multiply instead of a division per element, no atomics)."""
+    f = e4m3_out(x.shape, engine.gelu_forward_programs(x.numel()), amax)
+    engine.gelu_forward(x, None, fp8=f)
+    return dict(out=f.out, scale=f.scale, part=f.partial)
 
 
 def unit(x, amax):
@@ -117,12 +104,6 @@ def cost(dims, inputs):
 OP = Op(
     name="gelu_forward", make=make, reference=reference,
     versions=versions_of(globals(), production, unit)[:-1]
-    # out in e4m3: 3 mantissa bits round by at most 2^-4 of a value (after bf16's 2^-8);
-    # the values above 448 * 2^-6 = 7 clamp to 7, at most 0.35 / 7.35 = 4.8% of max |ref|
-    # (make() puts max |out| at 7.35); amax: bf16 rounds the max by at most 2^-8; scale:
-    # exactly the power of two of amax (common.py)
-    + (Version("3", production_e4m3, "production", dict(out=E4M3_TOL, amax=AMAX_TOL, scale=0.0),
-               decode_e4m3),)
-    + versions_of(globals(), None, unit)[-1:],
+    + (e4m3_version("3", production_e4m3, "out"),) + versions_of(globals(), None, unit)[-1:],
     tol=dict(out=1e-2),  # bf16 output, rounded once
     cost=cost, numpy_check=numpy_check, llmc="dev/cuda/gelu_forward.cu")

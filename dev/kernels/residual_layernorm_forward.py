@@ -22,10 +22,9 @@ import triton
 import triton.language as tl
 
 from llmpy.engines.triton import layernorm as engine
-from llmpy.engines.triton.fp8 import E4M3, Fp8Out
 
-from .common import (AMAX_TOL, E4M3_TOL, Op, Version, delayed_amax, generator, np_rel,
-                     pow2_scale, randn, to_dtype, to_top, versions_of)
+from .common import (Op, delayed_amax, e4m3_out, e4m3_version, generator, np_rel, pow2_scale,
+                     randn, to_dtype, to_top, versions_of)
 
 EPS = 1e-5
 
@@ -78,28 +77,14 @@ def production_e4m3(residual, delta, w, b, amax):
     output (residual2 = residual + attproj's output, then ln2w/ln2b): the bf16 out stays
     (fcw's gradient reads it), and in the same pass each value times 1/scale is stored in
     e4m3, saturating at 448: one more byte per element (9 per (N, C) entry, the op's cost
-    counts 8).
-    The scale comes before the values exist: a delayed scale, from amax (max |out| of the
-    micro-steps before in the step), rounded up to a power of two so that out / scale is
-    an exact multiply by 2^-k instead of a division per element. Each program stores the
-    max |out| of its rows into part, folded into the next micro-step's amax: no atomics, no
-    second pass over out. Partials sized by layernorm_forward_programs (their NaN fill, one
-    small kernel, is timed too); decoded (e4m3 times the scale the kernel stored, max of
-    the partials) outside the timing."""
+    counts 8). The scale is delayed, a power of two from amax, and each program stores the
+    max |out| of its rows (common.py's FP8 block says why)."""
     xsum, out, mean, rstd = _outputs(residual)
     N, C = residual.shape
-    q = torch.empty(N, C, dtype=E4M3, device=residual.device)
-    scale = torch.empty(1, device=residual.device)
-    # NaN: a program that does not store its partial makes the max NaN (a failed check)
-    part = torch.full((engine.layernorm_forward_programs(N, C),), float("nan"),
-                      device=residual.device)
-    engine.layernorm_forward(residual, w, b, out, mean, rstd, delta=delta, xsum=xsum,
-                             fp8=Fp8Out(q, amax, part, scale))
-    return dict(xsum=xsum, out=out, mean=mean, rstd=rstd, out8=q, scale=scale, part=part)
-
-
-def decode_e4m3(out):
-    return dict(out, out8=out["out8"].float() * out["scale"], amax=out["part"].max().reshape(1))
+    f = e4m3_out((N, C), engine.layernorm_forward_programs(N, C), amax)
+    engine.layernorm_forward(residual, w, b, out, mean, rstd, delta=delta, xsum=xsum, fp8=f)
+    return dict(xsum=xsum, out=out, mean=mean, rstd=rstd, out8=f.out, scale=f.scale,
+                part=f.partial)
 
 
 def unit(residual, delta, w, b, amax):
@@ -159,13 +144,7 @@ def cost(dims, inputs):
 OP = Op(
     name="residual_layernorm_forward", make=make, reference=reference,
     versions=versions_of(globals(), production, unit)[:-1]
-    # out8, out in e4m3: 3 mantissa bits round by at most 2^-4 of a value (after bf16's
-    # 2^-8); the values above 448 * 2^-6 = 7 clamp to 7, at most 0.35 / 7.35 = 4.8% of
-    # max |ref| (make() puts max |out| at 7.35); amax: bf16 rounds the max by at most 2^-8;
-    # scale: exactly the power of two of amax (common.py)
-    + (Version("3", production_e4m3, "production", dict(out8=E4M3_TOL, amax=AMAX_TOL, scale=0.0),
-               decode_e4m3),)
-    + versions_of(globals(), None, unit)[-1:],
+    + (e4m3_version("3", production_e4m3, "out8"),) + versions_of(globals(), None, unit)[-1:],
     # xsum, out: bf16 rounded once (xsum bit-exact in practice); mean/rstd: fp32 sums
     tol=dict(xsum=1e-2, out=1e-2, mean=1e-4, rstd=1e-4),
     cost=cost, numpy_check=numpy_check, llmc="dev/cuda/fused_residual_forward.cu")
