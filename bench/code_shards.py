@@ -8,8 +8,7 @@ two runs can differ by how soon they memorize. No network needed.
 Writes OUT_DIR/code_val.bin (the first --val-tokens tokens' worth of whole files, after a
 seeded shuffle of the file list) and OUT_DIR/code_train.bin (the files after those, up to the
 first that would pass --max-tokens), llm.c's shard format, each file whole and followed by
-<|endoftext|>. Refuses an OUT_DIR
-that already has either file.
+<|endoftext|>. Refuses an OUT_DIR that already has either file (it writes new files only).
 """
 
 from __future__ import annotations
@@ -71,7 +70,8 @@ def main(argv=None) -> int:
             return 2
     files = source_files(roots)
     if not files:
-        print(f"code_shards: no .py files under {', '.join(map(str, roots))}", file=sys.stderr)
+        print(f"code_shards: --root {', '.join(map(str, roots))}: expected .py files, found "
+              f"none: pass a folder of Python sources", file=sys.stderr)
         return 2
     random.Random(args.seed).shuffle(files)
     tok = get_tokenizer()
